@@ -1,0 +1,166 @@
+"""One error tree for pinfer.
+
+Every error a client can see has a stable machine-readable ``code`` and the HTTP
+``status`` the API answers with; the API maps them to JSON in a single handler
+(``api/errors.py``) and the worker stores ``code``/``message`` in failed results,
+so the same code means the same thing at submit time and in a result.
+"""
+from __future__ import annotations
+
+
+class PinferError(Exception):
+    """Base class: raised when pinfer refuses or fails something, with a code a client can act on."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict:
+        out: dict = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+# --- bad requests ---------------------------------------------------------------------------
+class BadRequest(PinferError):
+    """Raised when a request parameter is missing or malformed (not the image itself)."""
+
+    code = "bad_request"
+    status = 400
+
+
+class InvalidParameter(BadRequest):
+    """Raised when a parameter such as ``top_k`` or ``wait`` is out of range or not a number."""
+
+    code = "invalid_parameter"
+
+
+class MissingImage(BadRequest):
+    """Raised when a submission carries no image (no ``image`` field and an empty body)."""
+
+    code = "missing_image"
+
+
+class NotFound(PinferError):
+    """Raised when a prediction or job ID is unknown or its record has expired."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(PinferError):
+    """Raised when a job is asked to do something its state forbids (add images after close)."""
+
+    code = "conflict"
+    status = 409
+
+
+# --- image errors: at submit (from the header) or in the worker (full decode) -------------------
+class ImageError(PinferError):
+    """Raised when an image cannot be classified; subclasses say why."""
+
+    code = "invalid_image"
+    status = 422
+
+
+class UnsupportedFormat(ImageError):
+    """Raised when the bytes are not an image in a supported format (JPEG, PNG, WebP, GIF, BMP, TIFF)."""
+
+    code = "unsupported_format"
+    status = 415
+
+
+class ImageTooLarge(ImageError):
+    """Raised when the upload exceeds PINFER_MAX_UPLOAD_BYTES."""
+
+    code = "image_too_large"
+    status = 413
+
+
+class TooManyPixels(ImageError):
+    """Raised when width x height exceeds PINFER_MAX_PIXELS (decompression-bomb guard)."""
+
+    code = "too_many_pixels"
+    status = 413
+
+
+class BadAspectRatio(ImageError):
+    """Raised when the long side is more than PINFER_MAX_ASPECT_RATIO times the short side."""
+
+    code = "bad_aspect_ratio"
+    status = 422
+
+
+class CorruptImage(ImageError):
+    """Raised when the image header is valid but the data is truncated or cannot be decoded."""
+
+    code = "corrupt_image"
+    status = 422
+
+
+class ImageExpired(ImageError):
+    """Raised (in the worker) when the stored bytes expired before a worker reached them."""
+
+    code = "image_expired"
+    status = 410
+
+
+# --- capacity / availability --------------------------------------------------------------------
+class Overloaded(PinferError):
+    """Raised when accepting more would exceed a pending-image bound; the client retries later."""
+
+    code = "overloaded"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 2, **details: object) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(PinferError):
+    """Raised when Redis or the broker cannot be reached; nothing was accepted."""
+
+    code = "service_unavailable"
+    status = 503
+
+
+# --- worker-side terminal failures ---------------------------------------------------------------
+class WorkerCrashed(PinferError):
+    """Raised (stored as a result) when an image was delivered PINFER_MAX_DELIVERIES times and each
+    delivery ended with its worker process dying: it is failed instead of looping forever."""
+
+    code = "worker_crashed"
+    status = 500
+
+
+class InferenceError(PinferError):
+    """Raised when the model itself fails on a batch (bad artifact, runtime error)."""
+
+    code = "inference_error"
+    status = 500
+
+
+class Canceled(PinferError):
+    """Raised (stored as a result) when the image's job was canceled before it ran."""
+
+    code = "canceled"
+    status = 409
+
+
+class ModelArtifactError(PinferError):
+    """Raised when the model artifact is missing, or its sha256 does not match its manifest."""
+
+    code = "model_artifact_error"
+    status = 500
+
+
+class WeightsUnavailable(PinferError):
+    """Raised when export-model finds no official weights (no --weights, no hub cache, no network)."""
+
+    code = "weights_unavailable"
+    status = 500

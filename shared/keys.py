@@ -1,0 +1,69 @@
+"""Every Redis key, channel and queue name pinfer uses, in one place.
+
+Nothing else in the code base builds a key from a string: call these functions, so a key's
+layout can be read (and changed) here alone.
+"""
+from __future__ import annotations
+
+PREFIX = "pinfer:"
+
+#: Celery queues: interactive single submissions, and bulk job images. Workers always look at the
+#: interactive queue first (kombu ``queue_order_strategy='priority'``).
+QUEUE_INTERACTIVE = "pinfer.interactive"
+QUEUE_BULK = "pinfer.bulk"
+#: The registered name of the batched classify task; the API sends by name and never imports the worker.
+TASK_CLASSIFY = "pinfer.classify"
+
+#: Pub/sub channel on which workers publish the ID of every prediction that reached a terminal state.
+DONE_CHANNEL = PREFIX + "done"
+
+#: Sorted set of prediction IDs stored but not yet classified, scored by the time their bytes expire
+#: (so entries of lost images age out by themselves): the global backpressure bound.
+PENDING = PREFIX + "pending"
+#: Sorted set: worker name -> last heartbeat (unix time).
+WORKERS = PREFIX + "workers"
+
+
+def prediction(pid: str) -> str:
+    """Hash: the prediction record (status, top_k, timings, result JSON, error)."""
+    return f"{PREFIX}p:{pid}"
+
+
+def image(pid: str) -> str:
+    """String: the uploaded bytes, deleted once classified."""
+    return f"{PREFIX}img:{pid}"
+
+
+def worker(name: str) -> str:
+    """Hash: a worker's heartbeat record (state, pid, core, model sha, precision)."""
+    return f"{PREFIX}w:{name}"
+
+
+def job(jid: str) -> str:
+    """Hash: a bulk job (name, top_k, times, and one counter per status)."""
+    return f"{PREFIX}job:{jid}"
+
+
+def job_items(jid: str) -> str:
+    """List: the job's prediction IDs in the order they were added."""
+    return f"{PREFIX}job:{jid}:items"
+
+
+def job_done(jid: str) -> str:
+    """List: the job's prediction IDs in the order they finished (the results cursor walks it)."""
+    return f"{PREFIX}job:{jid}:done"
+
+
+def job_pending(jid: str) -> str:
+    """Sorted set: the job's prediction IDs not yet classified (the per-job backpressure bound)."""
+    return f"{PREFIX}job:{jid}:pending"
+
+
+def job_names(jid: str) -> str:
+    """Hash: client name -> prediction ID, so a resumed upload of the same file is not queued twice."""
+    return f"{PREFIX}job:{jid}:names"
+
+
+def core_leases(host: str) -> str:
+    """Hash: core number -> worker name holding it on ``host`` (compose replicas pick distinct cores)."""
+    return f"{PREFIX}cores:{host}"
