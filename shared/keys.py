@@ -67,3 +67,12 @@ def job_names(jid: str) -> str:
 def core_leases(host: str) -> str:
     """Hash: core number -> worker name holding it on ``host`` (compose replicas pick distinct cores)."""
     return f"{PREFIX}cores:{host}"
+
+
+def job_rate(jid: str) -> str:
+    """Hash: 5-second bucket number -> images finished in it (the job's current rate)."""
+    return f"{PREFIX}job:{jid}:rate"
+
+
+#: Width of the rate buckets above.
+RATE_BUCKET_S = 5

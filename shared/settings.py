@@ -33,6 +33,8 @@ class Settings:
     max_aspect_ratio: float = _s("PINFER_MAX_ASPECT_RATIO", 25.0,
                                  "Largest long/short side ratio (422 `bad_aspect_ratio`): a 20000x1 strip would "
                                  "otherwise be scaled to 5 million x 256.")
+    max_request_bytes: int = _s("PINFER_MAX_REQUEST_BYTES", 200 * MiB,
+                                "Largest multi-image upload request to a bulk job (413 `request_too_large`).")
     default_top_k: int = _s("PINFER_DEFAULT_TOP_K", 5, "Labels returned when the request names no `top_k`.")
     max_top_k: int = _s("PINFER_MAX_TOP_K", 20, "Largest `top_k` a request may ask for.")
     max_wait_s: float = _s("PINFER_MAX_WAIT_S", 30.0, "Longest long-poll (`?wait=`) a request may ask for.")
@@ -49,7 +51,7 @@ class Settings:
     retry_after_s: int = _s("PINFER_RETRY_AFTER_S", 2, "`Retry-After` sent with a 429.")
     # --- model / inference -------------------------------------------------------------------
     model_dir: str = _s("PINFER_MODEL_DIR", str(PROJECT_ROOT / "weights" / "build"),
-                        "Folder holding `model.pt` and `manifest.json` written by `pinfer export-model`.")
+                        "Folder holding `manifest.json` and the `model-<sha>.pt` it names, written by `pinfer export-model`.")
     precision: str = _s("PINFER_PRECISION", "fp32", "Inference precision; `bf16` needs AVX-512-BF16/AMX.",
                         ("fp32", "bf16"))
     resize: str = _s("PINFER_RESIZE", "exact",
@@ -116,10 +118,6 @@ class Settings:
                 raise ValueError(f"{_env(name)} must be at least 1")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
-
-    @property
-    def model_path(self) -> Path:
-        return Path(self.model_dir) / "model.pt"
 
     @property
     def manifest_path(self) -> Path:

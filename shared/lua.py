@@ -1,0 +1,122 @@
+"""Server-side scripts: every status change is one atomic step in Redis.
+
+A prediction's status, its job's counters, the backpressure sets, the job's results list and the
+"done" notification change together or not at all, so counts always add up, an image is counted as
+finished exactly once (however many times it is delivered), and no reader sees half a transition.
+Key names are passed in (built by ``shared.keys``); job keys are derived from the prefix passed in
+ARGV because a prediction only learns its job ID inside the script (single-node Redis, no cluster).
+"""
+
+# KEYS: 1 pending, 2 pred, 3 image, 4 job, 5 job_pending, 6 job_items, 7 job_names, 8 job_done
+# ARGV: 1 id, 2 now, 3 max_pending, 4 image_ttl, 5 result_ttl, 6 bytes, 7 job_max_pending,
+#       8 name, 9 status ('queued' or 'failed' for an image rejected at submit), 10.. field pairs
+SUBMIT = """
+local id, now = ARGV[1], tonumber(ARGV[2])
+local has_job = KEYS[4] ~= ''
+if has_job then
+  local st = redis.call('HGET', KEYS[4], 'status')
+  if not st then return {'no_job'} end
+  if st ~= 'open' then return {'job_' .. st} end
+  local existing = redis.call('HGET', KEYS[7], ARGV[8])
+  if existing then return {'duplicate', existing} end
+end
+local status = ARGV[9]
+if status == 'queued' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return {'overloaded', 'global'} end
+  if has_job then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return {'overloaded', 'job'} end
+  end
+  local expires = now + tonumber(ARGV[4])
+  redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[4])
+  redis.call('ZADD', KEYS[1], expires, id)
+  if has_job then redis.call('ZADD', KEYS[5], expires, id) end
+end
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], 'status', status, unpack(fields))
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if has_job then
+  redis.call('RPUSH', KEYS[6], id)
+  redis.call('HSET', KEYS[7], ARGV[8], id)
+  redis.call('HINCRBY', KEYS[4], 'total', 1)
+  redis.call('HINCRBY', KEYS[4], status, 1)
+  if status ~= 'queued' then redis.call('RPUSH', KEYS[8], id) end
+  for i = 5, 8 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
+return {'ok'}
+"""
+
+# KEYS: 1 pred, 2 image, 3 pending
+# ARGV: 1 id, 2 to, 3 allowed-from (comma separated), 4 now, 5 job key prefix, 6 done channel,
+#       7 result_ttl, 8 bump attempts ('1'/'0'), 9 rate bucket seconds, 10.. field pairs
+TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing', '', '0'} end
+local attempts = redis.call('HGET', KEYS[1], 'attempts') or '0'
+local allowed = false
+for s in string.gmatch(ARGV[3], '[^,]+') do if s == cur then allowed = true end end
+if not allowed then return {'skip', cur, attempts} end
+local to = ARGV[2]
+if ARGV[8] == '1' then attempts = tostring(redis.call('HINCRBY', KEYS[1], 'attempts', 1)) end
+local fields = {}
+for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[1], 'status', to, unpack(fields))
+local terminal = (to == 'succeeded' or to == 'failed' or to == 'canceled')
+local job = redis.call('HGET', KEYS[1], 'job_id')
+if job and job ~= '' and cur ~= to then
+  local jk = ARGV[5] .. job
+  redis.call('HINCRBY', jk, cur, -1)
+  redis.call('HINCRBY', jk, to, 1)
+  if terminal then
+    redis.call('ZREM', jk .. ':pending', ARGV[1])
+    redis.call('RPUSH', jk .. ':done', ARGV[1])
+    local bucket = math.floor(tonumber(ARGV[4]) / tonumber(ARGV[9]))
+    redis.call('HINCRBY', jk .. ':rate', bucket, 1)
+    redis.call('EXPIRE', jk .. ':rate', 300)
+    local h = redis.call('HMGET', jk, 'status', 'queued', 'running')
+    if h[1] == 'closed' and tonumber(h[2] or '0') <= 0 and tonumber(h[3] or '0') <= 0 then
+      redis.call('HSET', jk, 'status', 'finished', 'finished_at', ARGV[4])
+    end
+  end
+end
+if terminal then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('PUBLISH', ARGV[6], ARGV[1])
+end
+return {'ok', cur, attempts}
+"""
+
+# KEYS: 1 job.  ARGV: 1 now.  Open -> closed (-> finished when nothing is left).
+CLOSE_JOB = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'queued', 'running')
+if not h[1] then return 'missing' end
+if h[1] ~= 'open' then return h[1] end
+redis.call('HSET', KEYS[1], 'status', 'closed', 'closed_at', ARGV[1])
+if tonumber(h[2] or '0') <= 0 and tonumber(h[3] or '0') <= 0 then
+  redis.call('HSET', KEYS[1], 'status', 'finished', 'finished_at', ARGV[1])
+  return 'finished'
+end
+return 'closed'
+"""
+
+# KEYS: 1 core leases hash.  ARGV: 1 holder, 2 now, 3 lease seconds, 4.. candidate cores.
+# A core is free when unleased or its lease expired; the holder keeps a core it already has.
+LEASE_CORE = """
+local now = tonumber(ARGV[2])
+for i = 4, #ARGV do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local holder, exp = string.match(v, '^(.*)|([%d%.]+)$')
+    if holder == ARGV[1] or tonumber(exp) < now then v = nil end
+  end
+  if not v then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[1] .. '|' .. (now + tonumber(ARGV[3])))
+    return ARGV[i]
+  end
+end
+return false
+"""

@@ -1,0 +1,118 @@
+"""The records that cross processes (API <-> Redis <-> worker), and their public JSON shape.
+
+A prediction is a Redis hash of flat string fields (cheap to update one field atomically in Lua);
+``result`` is one JSON string written once by the worker. ``Prediction.public()`` is the single
+place that decides what a client sees.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = "queued", "running", "succeeded", "failed", "canceled"
+TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
+INTERACTIVE, BULK = "interactive", "bulk"
+
+JOB_OPEN, JOB_CLOSED, JOB_FINISHED, JOB_CANCELED = "open", "closed", "finished", "canceled"
+
+
+def new_id() -> str:
+    """128 random bits, URL-safe base64 without padding (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+def _f(raw: dict, name: str) -> float | None:
+    v = raw.get(name)
+    return float(v) if v not in (None, "") else None
+
+
+@dataclass
+class Prediction:
+    id: str
+    status: str
+    created_at: float
+    top_k: int
+    lane: str = INTERACTIVE
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    job_id: str | None = None
+    name: str | None = None
+    result: dict | None = None
+    error: dict | None = None
+
+    @classmethod
+    def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
+        err = None
+        if raw.get("error_code"):
+            err = {"code": raw["error_code"], "message": raw.get("error_message", "")}
+        return cls(
+            id=pid,
+            status=raw["status"],
+            created_at=float(raw["created_at"]),
+            top_k=int(raw.get("top_k", 5)),
+            lane=raw.get("lane", INTERACTIVE),
+            started_at=_f(raw, "started_at"),
+            finished_at=_f(raw, "finished_at"),
+            attempts=int(raw.get("attempts", 0) or 0),
+            job_id=raw.get("job_id") or None,
+            name=raw.get("name") or None,
+            result=json.loads(raw["result"]) if raw.get("result") else None,
+            error=err,
+        )
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id, "status": self.status, "created_at": self.created_at,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "attempts": self.attempts, "job_id": self.job_id, "name": self.name,
+        }
+        if self.result:
+            out.update(self.result)  # top_k, model, timings
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def result_line(self) -> dict[str, Any]:
+        """The compact line of a job's results listing."""
+        out: dict[str, Any] = {"id": self.id, "name": self.name, "status": self.status}
+        if self.result:
+            out["top_k"] = self.result.get("top_k")
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class Job:
+    id: str
+    status: str
+    created_at: float
+    top_k: int
+    name: str | None = None
+    closed_at: float | None = None
+    finished_at: float | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_redis(cls, jid: str, raw: dict[str, str]) -> "Job":
+        counts = {s: int(raw.get(s, 0) or 0) for s in STATUSES}
+        counts["total"] = int(raw.get("total", 0) or 0)
+        return cls(id=jid, status=raw["status"], created_at=float(raw["created_at"]),
+                   top_k=int(raw.get("top_k", 5)), name=raw.get("name") or None,
+                   closed_at=_f(raw, "closed_at"), finished_at=_f(raw, "finished_at"), counts=counts)
+
+    def public(self, rate_per_s: float | None = None) -> dict[str, Any]:
+        remaining = self.counts.get(QUEUED, 0) + self.counts.get(RUNNING, 0)
+        eta = round(remaining / rate_per_s, 1) if rate_per_s else None
+        order = ("total",) + STATUSES
+        return {
+            "id": self.id, "name": self.name, "status": self.status, "top_k": self.top_k,
+            "counts": {k: self.counts.get(k, 0) for k in order},
+            "rate_per_s": None if rate_per_s is None else round(rate_per_s, 2),
+            "eta_s": 0.0 if remaining == 0 else eta,
+            "created_at": self.created_at, "closed_at": self.closed_at, "finished_at": self.finished_at,
+        }

@@ -1,0 +1,163 @@
+"""The model directory's manifest: what the artifact is, where its weights came from, and its sha256.
+
+No torch import at module level: the API reads the manifest to report model info and must not pay
+for (or even have) torch. ``write_artifact`` is the only writer and publishes atomically: the
+content-addressed ``model-<sha12>.pt`` first, ``manifest.json`` last, so a worker that reads the
+manifest always finds the complete artifact it names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ModelArtifactError
+
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_SOURCES = ("official-download", "hub-cache", "local-file", "random-init", "fixture")
+_FIX = "re-run `pinfer export-model`"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a worker needs to trust and preprocess for the artifact; ``artifact`` is a file name."""
+
+    artifact: str
+    artifact_sha256: str
+    weights_source: str
+    pretrained: bool
+    weights_sha256: str | None = None
+    architecture: str = "resnet18"
+    name: str = "resnet18"
+    input_size: int = 224
+    resize: int = 256
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_classes: int = 1000
+    torch_version: str = ""
+    created_at: str = ""
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """Unknown keys are ignored so an older reader accepts a newer manifest."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in chunks (artifacts are ~45 MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: str | os.PathLike) -> Manifest:
+    """Parse ``manifest.json``; any problem becomes a ModelArtifactError that says how to fix it."""
+    path = Path(model_dir) / MANIFEST_NAME
+    try:
+        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise ModelArtifactError(f"no model manifest at {path}; {_FIX}", path=str(path)) from None
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelArtifactError(f"unreadable model manifest {path} ({exc}); {_FIX}", path=str(path)) from None
+    if not manifest.artifact or Path(manifest.artifact).name != manifest.artifact:
+        raise ModelArtifactError(f"manifest {path} names no plain artifact file ({manifest.artifact!r}); {_FIX}",
+                                 path=str(path))
+    return manifest
+
+
+def verify_artifact(model_dir: str | os.PathLike) -> tuple[Manifest, Path]:
+    """Return the manifest and the artifact path after checking the artifact's sha256 against it."""
+    manifest = read_manifest(model_dir)
+    path = Path(model_dir) / manifest.artifact
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise ModelArtifactError(f"model artifact {path} named by the manifest is missing or unreadable "
+                                 f"({exc.strerror or exc}); {_FIX}", path=str(path)) from None
+    if actual != manifest.artifact_sha256:
+        raise ModelArtifactError(f"model artifact {path} sha256 mismatch: manifest expects "
+                                 f"{manifest.artifact_sha256}, file has {actual}; {_FIX}",
+                                 path=str(path), expected_sha256=manifest.artifact_sha256, actual_sha256=actual)
+    return manifest, path
+
+
+def _atomic_write(directory: Path, name: str, data: bytes) -> None:
+    """Temp file in the same directory, fsync, os.replace: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would lock out a worker running as another user
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _artifact_bytes(source: Any) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).read_bytes()
+    import torch  # lazily: only writers need it
+
+    buf = io.BytesIO()
+    torch.jit.save(source, buf)
+    return buf.getvalue()
+
+
+def write_artifact(scripted_module_or_bytes_path: Any, model_dir: str | os.PathLike,
+                   **manifest_fields: Any) -> Manifest:
+    """Publish a TorchScript module (or its saved bytes / file path) with its manifest, atomically.
+
+    The artifact gets a content-addressed name, the manifest is replaced last, then artifacts the new
+    manifest does not name are deleted.
+    """
+    directory = Path(model_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = _artifact_bytes(scripted_module_or_bytes_path)
+    sha = hashlib.sha256(data).hexdigest()
+    artifact = f"model-{sha[:12]}.pt"
+    if manifest_fields.get("weights_source") not in WEIGHTS_SOURCES:
+        raise ValueError(f"weights_source must be one of {WEIGHTS_SOURCES}")
+    if not manifest_fields.get("torch_version"):
+        import torch
+
+        manifest_fields["torch_version"] = torch.__version__
+    manifest_fields.setdefault("created_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    manifest = Manifest(artifact=artifact, artifact_sha256=sha, **manifest_fields)
+    _atomic_write(directory, artifact, data)
+    _fsync_dir(directory)
+    _atomic_write(directory, MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+    _fsync_dir(directory)
+    for old in directory.glob("model-*.pt"):
+        if old.name != artifact:
+            old.unlink(missing_ok=True)
+    return manifest
