@@ -1,0 +1,53 @@
+"""Liveness, readiness and the operator's view of queues and workers."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from api.extensions import pinfer
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+def _snapshot() -> dict:
+    store = pinfer().store
+    store.r.ping()
+    workers = store.live_workers()
+    ready = [w for w in workers if w.get("state") in ("READY", "BUSY")]
+    models = {(w.get("model"), w.get("sha256"), w.get("pretrained"), w.get("precision")) for w in ready}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "redis": True,
+        "workers": workers,
+        "ready_workers": len(ready),
+        "queues": store.queue_depths(),
+        "models": [{"name": m[0], "sha256": m[1], "pretrained": m[2] == "1", "precision": m[3]}
+                   for m in sorted(models, key=str)],
+    }
+    if ready:
+        body["pretrained"] = all(m["pretrained"] for m in body["models"])
+        if not body["pretrained"]:
+            body["warning"] = ("the model was NOT built from the official ResNet-18 weights: labels are "
+                               "meaningless. Run `pinfer export-model` with resnet18-f37072fd.pth.")
+    else:
+        body["reason"] = "no worker with a loaded model has sent a heartbeat recently"
+    return body
+
+
+@bp.get("/readyz")
+def readyz():
+    try:
+        body = _snapshot()
+    except Exception as exc:  # Redis down: not ready, say why
+        return jsonify({"status": "not_ready", "redis": False, "reason": f"redis: {exc}"}), 503
+    return jsonify(body), (200 if body["status"] == "ready" else 503)
+
+
+@bp.get("/v1/stats")
+def stats():
+    """Queue depths and workers, for operators (same data as /readyz, always 200)."""
+    return jsonify(_snapshot())

@@ -1,0 +1,116 @@
+"""``/v1/jobs``: bulk ingestion. Images are stored and queued exactly like single predictions,
+on the bulk lane, and a job adds counts, names, a results cursor, backpressure and cancel."""
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from api.errors import error_response
+from api.extensions import pinfer
+from api.predictions import publish
+from api.uploads import int_param, read_capped
+from shared.errors import BadRequest, ImageError, InvalidParameter, MissingImage, Overloaded
+from shared.images import probe
+from shared.schema import BULK, new_id
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+MAX_NAME = 1024
+
+
+def _job_json(jid: str):
+    store = pinfer().store
+    job = store.get_job(jid)
+    return job.public(store.job_rate(job))
+
+
+@bp.post("")
+def create():
+    s = pinfer().settings
+    body = request.get_json(silent=True) or {}
+    if not isinstance(body, dict):
+        raise InvalidParameter("the body must be a JSON object like {\"name\": ..., \"top_k\": 5}")
+    top_k = body.get("top_k", request.values.get("top_k", s.default_top_k))
+    try:
+        top_k = int(top_k)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"`top_k` must be an integer from 1 to {s.max_top_k}") from None
+    if not 1 <= top_k <= s.max_top_k:
+        raise InvalidParameter(f"`top_k` must be from 1 to {s.max_top_k}, not {top_k}")
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
+        raise InvalidParameter("`name` must be a string of at most 1024 characters")
+    jid = new_id()
+    pinfer().store.create_job(jid, name, top_k)
+    resp = jsonify(_job_json(jid))
+    resp.status_code = 201
+    resp.headers["Location"] = url_for("jobs.get", jid=jid)
+    return resp
+
+
+@bp.post("/<jid>/images")
+def add_images(jid: str):
+    """Store and queue each file of the ``images`` field; stop at a backpressure bound with 429."""
+    p = pinfer()
+    s = p.settings
+    job = p.store.get_job(jid)
+    files = request.files.getlist("images")
+    if not files:
+        raise MissingImage("send the images as files in the multipart field `images`")
+    names = [f.filename or "" for f in files]
+    if any(not n or len(n) > MAX_NAME for n in names) or len(set(names)) != len(names):
+        raise BadRequest("every file needs a filename (the client's name for it, at most 1024 "
+                         "characters), unique within the request")
+    accepted, duplicates, rejected = [], [], []
+    for f, name in zip(files, names):
+        error = None
+        try:
+            data = read_capped(f.stream, s)
+            probe(data, s)
+        except ImageError as exc:
+            data, error = b"", exc.to_dict()
+        try:
+            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error)
+        except Overloaded as exc:
+            return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
+        entry = {"name": name, "id": sub.id}
+        if sub.outcome == "duplicate":
+            duplicates.append(entry)
+        elif error:
+            rejected.append({**entry, "error": error})
+        else:
+            publish(sub.id, BULK)
+            accepted.append(entry)
+    return jsonify({"accepted": accepted, "duplicates": duplicates, "rejected": rejected}), 202
+
+
+@bp.get("/<jid>")
+def get(jid: str):
+    return jsonify(_job_json(jid))
+
+
+@bp.post("/<jid>/close")
+def close(jid: str):
+    store = pinfer().store
+    store.close_job(jid)
+    return jsonify(_job_json(jid))
+
+
+@bp.delete("/<jid>")
+def cancel(jid: str):
+    pinfer().store.cancel_job(jid)
+    return jsonify(_job_json(jid))
+
+
+@bp.get("/<jid>/results")
+def results(jid: str):
+    store = pinfer().store
+    cursor = int_param(request, "cursor", 0, 0, 2**31)
+    limit = int_param(request, "limit", 1000, 1, 10_000)
+    job = store.get_job(jid)  # 404 for unknown jobs; read before the list so "finished" is safe
+    preds, nxt = store.job_results(jid, cursor, limit)
+    body = "".join(json.dumps(p.result_line(), separators=(",", ":")) + "\n" for p in preds)
+    resp = Response(body, mimetype="application/x-ndjson")
+    resp.headers["X-Next-Cursor"] = str(nxt)
+    resp.headers["X-Job-Status"] = job.status
+    return resp

@@ -1,0 +1,68 @@
+"""``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, jsonify, request, url_for
+
+from api.extensions import pinfer
+from api.uploads import float_param, int_param, single_image
+from shared.errors import NotFound, PinferError, ServiceUnavailable
+from shared.images import probe
+from shared.schema import FAILED, INTERACTIVE, QUEUED, TERMINAL, new_id
+
+bp = Blueprint("predictions", __name__, url_prefix="/v1/predictions")
+
+
+def publish(pid: str, lane: str) -> None:
+    """Send the ID to the workers; if that fails the record is failed, never left queued forever."""
+    p = pinfer()
+    try:
+        p.enqueue(pid, lane)
+    except Exception as exc:
+        p.store.transition(pid, FAILED, (QUEUED,), {"error_code": ServiceUnavailable.code,
+                                                    "error_message": f"the broker refused the task: {exc}",
+                                                    "finished_at": time.time()})
+        raise ServiceUnavailable("the broker is unavailable; the image was not queued, retry later") from exc
+
+
+@bp.post("")
+def submit():
+    p = pinfer()
+    s = p.settings
+    data = single_image(request, s)  # before any form access: a raw body is not a form
+    top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
+    probe(data, s)  # 415/413/422 from the header, without a full decode
+    pid = new_id()
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE)
+    publish(sub.id, INTERACTIVE)
+    link = url_for("predictions.get", pid=pid)
+    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": time.time(),
+                    "links": {"self": link}})
+    resp.status_code = 202
+    resp.headers["Location"] = link
+    return resp
+
+
+@bp.get("/<pid>")
+def get(pid: str):
+    p = pinfer()
+    wait = float_param(request, "wait", 0.0, 0.0, p.settings.max_wait_s)
+    rec = p.store.get(pid)
+    if rec is None:
+        raise NotFound(f"no prediction {pid} (unknown, or expired after PINFER_RESULT_TTL_S)")
+    if wait > 0 and rec.status not in TERMINAL:
+        deadline = time.monotonic() + wait
+        with p.waiters.waiting(pid) as ev:
+            rec = p.store.get(pid) or rec  # re-read after registering: no result can slip by
+            while ev is not None and rec.status not in TERMINAL:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                ev.wait(min(left, 5.0))  # woken by the done channel; 5 s re-read is a safety net
+                ev.clear()
+                rec = p.store.get(pid) or rec
+    return jsonify(rec.public())
+
+
+__all__ = ["bp", "publish", "PinferError"]

@@ -1,0 +1,123 @@
+"""``pinfer``: one command, lazy subcommands (``ingest`` and ``api`` never import torch)."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+USAGE = """usage: pinfer COMMAND [ARGS]
+
+commands:
+  up             run everything on this machine: Redis (private unless PINFER_REDIS_URL), API, pinned workers
+  api            run the API under gunicorn (deploy/gunicorn.conf.py)
+  worker         run one pinned Celery worker per core (--check: health check)
+  export-model   build the TorchScript artifact + manifest (see --help)
+  ingest         classify a folder of photos through a running API (see --help)
+  settings       print the settings (--markdown for the README table)
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "export-model":
+        from weights.export import main as run
+    elif cmd == "worker":
+        from worker.launcher import main as run
+    elif cmd == "ingest":
+        from client.ingest import main as run
+    elif cmd == "api":
+        run = _api
+    elif cmd == "up":
+        run = _up
+    elif cmd == "settings":
+        run = _settings
+    else:
+        print(f"pinfer: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return int(run(rest) or 0)
+
+
+def _settings(argv: list[str]) -> int:
+    from dataclasses import fields
+
+    from shared.settings import Settings
+
+    if "--markdown" in argv:
+        print(Settings.markdown_table())
+        return 0
+    s = Settings.from_env()
+    for f in fields(s):
+        print(f"{f.metadata['env']}={getattr(s, f.name)}")
+    return 0
+
+
+def _api(argv: list[str]) -> int:
+    from pinfer.procs import ROOT
+
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
+                               *argv, "api:create_app()"])
+    return 0
+
+
+def _up(argv: list[str]) -> int:
+    """Run the whole service in the foreground until Ctrl-C/SIGTERM, then stop it cleanly."""
+    import requests
+
+    from pinfer.procs import ROOT, start_api, start_redis, start_workers, wait_until
+    from shared.settings import Settings
+    from weights.export import main as export
+
+    settings = Settings.from_env()
+    if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
+        return 1
+    run_dir = Path(os.environ.get("PINFER_RUN_DIR", ROOT / "run"))
+    run_dir.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    procs = []
+    stop = {"n": 0}
+
+    def on_signal(signum, _frame):
+        stop["n"] += 1
+        if stop["n"] > 1:  # second signal: no more waiting
+            for p in procs:
+                p.stop(signal.SIGKILL, 5)
+            os._exit(1)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not os.environ.get("PINFER_REDIS_URL"):
+            redis_proc, url = start_redis(Path(tempfile.mkdtemp(prefix="pinfer-redis-")))
+            procs.append(redis_proc)
+            env["PINFER_REDIS_URL"] = url
+            print(f"started a private redis-server at {url}", flush=True)
+        procs.append(start_workers(env))
+        procs.append(start_api(env, settings.port, run_dir / "api.log"))
+        base = f"http://127.0.0.1:{settings.port}"
+        wait_until(lambda: requests.get(base + "/readyz", timeout=2).status_code == 200, 300,
+                   "pinfer (API + a worker with its model)")
+        ready = requests.get(base + "/readyz", timeout=2).json()
+        warn = "" if ready.get("pretrained") else "  WARNING: model NOT pretrained (random weights)"
+        print(f"pinfer ready on {base} ({ready['ready_workers']} workers){warn}  Ctrl-C to stop", flush=True)
+        while all(p.popen.poll() is None for p in procs):
+            time.sleep(0.5)
+        dead = [p.name for p in procs if p.popen.poll() is not None]
+        print(f"pinfer: {', '.join(dead)} exited; stopping", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping (workers finish their batches)…", flush=True)
+        return 0
+    finally:
+        for p in reversed(procs):  # API first, then workers (warm shutdown), then Redis
+            p.stop(signal.SIGTERM, 60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

