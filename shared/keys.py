@@ -76,3 +76,11 @@ def job_rate(jid: str) -> str:
 
 #: Width of the rate buckets above.
 RATE_BUCKET_S = 5
+
+#: kombu's Redis transport keeps messages delivered but not yet acknowledged in this hash
+#: (delivery tag -> [message, exchange, routing key]); the sweeper reads it to find orphans.
+KOMBU_UNACKED = "unacked"
+#: Lock so that only one worker at a time sweeps for orphaned predictions.
+SWEEP_LOCK = PREFIX + "sweep-lock"
+#: Hash: prediction ID -> when a sweep first saw it orphaned; republished only if a later sweep agrees.
+SWEEP_SUSPECTS = PREFIX + "sweep-suspects"

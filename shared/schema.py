@@ -43,6 +43,7 @@ class Prediction:
     name: str | None = None
     result: dict | None = None
     error: dict | None = None
+    enqueued_at: float | None = None  # last time its ID was published (the sweeper republishes)
 
     @classmethod
     def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
@@ -62,6 +63,7 @@ class Prediction:
             name=raw.get("name") or None,
             result=json.loads(raw["result"]) if raw.get("result") else None,
             error=err,
+            enqueued_at=_f(raw, "enqueued_at") or float(raw["created_at"]),
         )
 
     def public(self) -> dict[str, Any]:

@@ -136,12 +136,21 @@ def _heartbeat_info() -> dict:
 
 
 def _start_heartbeat(store: Store, name: str) -> None:
+    """Every PINFER_HEARTBEAT_S: refresh this worker's heartbeat, then sweep for lost messages."""
+    from shared.broker import enqueue
+    from worker.sweeper import Sweeper
+
+    sweeper = Sweeper(store, lambda pid, lane: enqueue(app, pid, lane), grace_s=settings.visibility_timeout_s,
+                      confirm_s=settings.heartbeat_s * 0.8)
+
     def beat() -> None:
         while True:
             try:
                 store.heartbeat(name, _heartbeat_info())
+                if _state["status"] in ("READY", "BUSY"):
+                    sweeper.sweep()
             except Exception as exc:  # Redis away: keep trying, the worker itself reconnects
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat/sweep failed: %s", exc)
             time.sleep(settings.heartbeat_s)
 
     threading.Thread(target=beat, name="pinfer-heartbeat", daemon=True).start()

@@ -1,0 +1,69 @@
+#!/bin/sh
+# pinfer container entry point: one image, the role is the first argument (CMD).
+#
+#   api          gunicorn -c /app/deploy/gunicorn.conf.py 'api:create_app()'   (default)
+#   worker       pinfer worker      (PINFER_WORKERS / PINFER_CORE_LEASE decide how many / which core)
+#   model        pinfer export-model --out "$PINFER_MODEL_DIR" --if-missing  (one-shot, see below)
+#   healthcheck  the image's HEALTHCHECK: checks whatever role this container runs
+#   anything else is executed as is (e.g. `pinfer settings`, `sh`).
+#
+# `model` options (environment, not PINFER_* settings: only this script reads them):
+#   EXPORT_WEIGHTS=/path/to/resnet18.pth   export these weights (mount the file) instead of downloading
+#   EXPORT_FALLBACK_RANDOM_INIT=1          (default 1) no internet and no weights: export a randomly
+#                                          initialised model (it works, /readyz shows pretrained=false)
+#                                          instead of failing; 0 = fail.
+#   EXPORT_FORCE=1                         replace an existing artifact (drops --if-missing)
+set -eu
+
+ROLE_FILE="${ENTRYPOINT_ROLE_FILE:-/tmp/pinfer-role}"
+
+role="${1:-api}"
+[ "$#" -gt 0 ] && shift
+
+remember_role() {
+    # Read by `healthcheck` (a separate process started by Docker). Best effort: /tmp may be read-only.
+    { echo "$1" > "$ROLE_FILE"; } 2>/dev/null || true
+}
+
+case "$role" in
+    api)
+        remember_role api
+        exec gunicorn -c /app/deploy/gunicorn.conf.py "$@" 'api:create_app()'
+        ;;
+    worker)
+        remember_role worker
+        exec pinfer worker "$@"
+        ;;
+    model)
+        remember_role model
+        set -- --out "${PINFER_MODEL_DIR:-/models}" "$@"
+        [ "${EXPORT_FORCE:-0}" = "1" ] || set -- "$@" --if-missing
+        [ -n "${EXPORT_WEIGHTS:-}" ] && set -- "$@" --weights "$EXPORT_WEIGHTS"
+        [ "${EXPORT_FALLBACK_RANDOM_INIT:-1}" = "1" ] && set -- "$@" --fallback-random-init
+        exec pinfer export-model "$@"
+        ;;
+    healthcheck)
+        current="$(cat "$ROLE_FILE" 2>/dev/null || echo "${ENTRYPOINT_ROLE:-api}")"
+        case "$current" in
+            api)
+                exec python -c "
+import os, sys, urllib.request
+url = 'http://127.0.0.1:%s/healthz' % (os.environ.get('PINFER_PORT') or '8000')
+try:
+    urllib.request.urlopen(url, timeout=4)
+except Exception as exc:
+    sys.exit(f'{url}: {exc}')
+"
+                ;;
+            worker)
+                exec pinfer worker --check
+                ;;
+            *)
+                exit 0
+                ;;
+        esac
+        ;;
+    *)
+        exec "$role" "$@"
+        ;;
+esac

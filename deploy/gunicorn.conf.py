@@ -1,0 +1,103 @@
+"""gunicorn settings for the pinfer API: `gunicorn -c deploy/gunicorn.conf.py 'api:create_app()'`.
+
+Every value comes from the PINFER_* settings (shared/settings.py), read once here through
+``Settings.from_env()``; anything else can still be overridden per run with GUNICORN_CMD_ARGS.
+
+Why gthread (threads) and not sync or gevent
+--------------------------------------------
+The API's slow requests are long-polls (GET /v1/predictions/<id>?wait=S, S <= PINFER_MAX_WAIT_S =
+30 s) that sleep on a threading.Event until the result lands. They use no CPU, so a blocked thread
+costs a few hundred KiB of stack and nothing else.
+* sync: one request per process, so 2 processes would be starved by 2 long-polls.
+* gevent: would need monkey-patching of redis-py, kombu/Celery and threading before anything else
+  is imported; a C-level blocking call (Pillow decode, a hiredis read) then stalls every request
+  of that process. Not worth it for a few hundred concurrent waits.
+* gthread: PINFER_API_PROCESSES processes x PINFER_API_THREADS threads. The API holds at most
+  PINFER_MAX_WAITERS long-polls per process and answers `wait` at once past that, so with
+  threads > max_waiters (64 > 48 by default) at least 16 threads per process always remain for
+  submissions, however many clients long-poll. Idle keep-alive connections (from nginx) wait in
+  the worker's poller, not on a thread.
+
+Timeouts
+--------
+* timeout (60 s): for gthread this is the liveness of a worker process's main loop (the arbiter
+  kills a process that stops heart-beating), not a per-request limit; it stays above the longest
+  long-poll anyway. A sync worker would be killed mid long-poll with a smaller value.
+* graceful_timeout: on SIGTERM/reload/max_requests a process finishes what it holds: a held
+  long-poll needs up to PINFER_MAX_WAIT_S, so this is max_wait_s + 5 (35 s); compose gives the
+  container 45 s (stop_grace_period).
+* keepalive (75 s): nginx keeps idle upstream connections for 60 s (keepalive_timeout in
+  deploy/nginx.conf); gunicorn must hold them longer so that nginx, never gunicorn, closes an idle
+  one - otherwise nginx may send a POST on a connection gunicorn is closing and, as POSTs are not
+  retried, the client gets a 502. (The usual 2-5 s advice is for gunicorn facing clients directly.)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+try:
+    from shared.settings import Settings
+except ImportError:  # run from a source checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from shared.settings import Settings
+
+_settings = Settings.from_env()
+
+# --- where and how many -------------------------------------------------------------------------
+bind = [f"0.0.0.0:{_settings.port}"]
+workers = _settings.api_processes
+worker_class = "gthread"
+threads = _settings.api_threads
+# Connections one process accepts at once (gthread): held long-polls + idle keep-alives.
+worker_connections = max(1000, 4 * threads)
+proc_name = "pinfer-api"
+# App factory runs in each process after fork: Redis pools and Celery producers are never shared.
+preload_app = False
+
+if threads <= _settings.max_waiters:
+    sys.stderr.write(
+        f"pinfer: WARNING PINFER_API_THREADS={threads} <= PINFER_MAX_WAITERS={_settings.max_waiters}: "
+        "long-polls can occupy every thread and starve submissions; keep threads above max_waiters.\n")
+
+# --- timeouts -----------------------------------------------------------------------------------
+timeout = max(60, int(_settings.max_wait_s) + 30)
+graceful_timeout = max(30, int(_settings.max_wait_s) + 5)
+keepalive = 75
+
+# Recycle processes now and then (slow leaks, fragmentation); jitter keeps them from restarting
+# together. In-flight requests finish within graceful_timeout.
+max_requests = 10_000
+max_requests_jitter = 1_000
+
+# The heartbeat file gunicorn fchmod()s every second: on tmpfs so a slow disk (Docker's overlay)
+# cannot stall it and get a healthy worker killed.
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    worker_tmp_dir = "/dev/shm"
+
+# --- request limits (gunicorn's defaults, spelled out) ------------------------------------------
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# --- proxy --------------------------------------------------------------------------------------
+# Trust X-Forwarded-Proto/-For only from these addresses. compose sets FORWARDED_ALLOW_IPS="*":
+# the API is not published there, nginx (whose address changes) is the only client.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+# --- logs ---------------------------------------------------------------------------------------
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+# X-Request-ID is set by nginx (deploy/nginx.conf): the same id appears in both access logs.
+access_log_format = ('%({x-forwarded-for}i)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms '
+                     'rid=%({x-request-id}i)s ua="%(a)s"')
+
+# gunicorn >= 25.1 opens a control socket ($HOME/.gunicorn/gunicorn.ctl) by default; several API
+# servers of one user (tests, replicas sharing a home) would fight over that path. Off unless
+# GUNICORN_CONTROL_SOCKET names one. (Older gunicorn ignores both names.)
+if os.environ.get("GUNICORN_CONTROL_SOCKET"):
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]
+else:
+    control_socket_disable = True

@@ -1,0 +1,131 @@
+"""Submit-and-poll end to end: real redis-server, real pinned Celery workers, gunicorn, HTTP."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pinfer.procs import wait_until
+from tests.integration.conftest import jpeg
+
+pytestmark = pytest.mark.integration
+
+
+def reference_probs(model_dir, photos) -> dict:
+    """Each photo classified alone, in this process, with the same artifact (exact mode, fp32)."""
+    import torch
+
+    from shared.settings import Settings
+    from shared.transforms import preprocess
+    from weights.manifest import verify_artifact
+
+    _, path = verify_artifact(model_dir)
+    model = torch.jit.load(str(path)).eval()
+    s = Settings(resize="exact")
+    out = {}
+    with torch.inference_mode():
+        for p in photos:
+            x = torch.from_numpy(preprocess(p.read_bytes(), s)[None])
+            out[p.name] = torch.softmax(model(x), dim=1)[0].numpy()
+    return out
+
+
+def test_corpus_concurrently_matches_in_process_classification(make_stack, corpus, model_dir):
+    stack = make_stack(workers=2)
+    with ThreadPoolExecutor(16) as pool:
+        subs = list(pool.map(lambda p: (p, stack.submit(p.read_bytes(), top_k=5)), corpus))
+        results = list(pool.map(lambda s: (s[0], stack.result(s[1]["id"])), subs))
+    failed = [(p.name, r.get("error")) for p, r in results if r["status"] != "succeeded"]
+    assert not failed, failed
+    assert max(r["timings"]["batch_size"] for _, r in results) > 1, "no batch held more than one image"
+    assert all(r["model"]["pretrained"] is False and r["model"]["precision"] == "fp32" for _, r in results)
+
+    ref = reference_probs(model_dir, corpus)
+    for p, r in results:
+        probs = ref[p.name]
+        order = np.argsort(-probs, kind="stable")
+        got = [t["class_index"] for t in r["top_k"]]
+        # Same top-5; a swap is tolerated only where the reference itself is tied within 1e-5.
+        for rank, idx in enumerate(got):
+            if idx != order[rank]:
+                assert abs(probs[idx] - probs[order[rank]]) < 1e-5, (p.name, rank, got, order[:5])
+        for t in r["top_k"]:
+            assert abs(t["score"] - float(probs[t["class_index"]])) <= 1e-4, (p.name, t)
+            assert t["label"]
+
+
+def _pids_running(stack, ids) -> int:
+    return sum(1 for p in stack.store.get_many(ids) if p and p.status == "running")
+
+
+def test_sigkill_mid_batch_loses_nothing_and_recovers_within_a_minute(make_stack, corpus):
+    """Production delivery settings (PINFER_VISIBILITY_TIMEOUT_S=30, restore every 5 s)."""
+    stack = make_stack(workers=1)
+    images = [p.read_bytes() for p in corpus[:40]] or [jpeg((i * 5 % 255, 40, 90)) for i in range(40)]
+    ids = [stack.submit(d)["id"] for d in images * 2]
+    wait_until(lambda: _pids_running(stack, ids) > 0, 60, "a batch in flight")
+    victim = int(stack.workers()[0]["pid"])
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    results = [stack.result(pid, timeout=120) for pid in ids]
+    recovery_s = time.monotonic() - killed_at
+    assert [r["status"] for r in results] == ["succeeded"] * len(ids), \
+        {r["status"] for r in results}
+    redelivered = [r for r in results if r["attempts"] > 1]
+    assert redelivered, "the kill hit no batch in flight"
+    # Healthy work is delivered again only because its worker died: never more than once more.
+    assert max(r["attempts"] for r in results) == 2
+    print(f"\nSIGKILL recovery: all {len(ids)} results {recovery_s:.1f}s after the kill; "
+          f"{len(redelivered)} were delivered again")
+    assert recovery_s < 60
+    # The launcher restarted the killed process.
+    stack.wait_ready(1, exclude_pids={victim})
+
+
+def test_poison_image_fails_after_bounded_deliveries_and_spares_its_batch(make_stack):
+    # A short visibility timeout only to keep the test quick: the bound itself is what is tested.
+    stack = make_stack(workers=1, PINFER_CHAOS_KILL_MARKER="PINFER-POISON-PILL",
+                       PINFER_VISIBILITY_TIMEOUT_S=5, PINFER_RESTORE_INTERVAL_S=1, PINFER_MAX_DELIVERIES=2)
+    poison = stack.submit(jpeg(extra=b"PINFER-POISON-PILL"))["id"]
+    healthy = [stack.submit(jpeg((10 * i, 100, 50)))["id"] for i in range(6)]
+    bad = stack.result(poison, timeout=180)
+    assert bad["status"] == "failed"
+    assert bad["error"]["code"] == "worker_crashed"
+    assert bad["attempts"] == 3  # two deliveries killed the worker, the third failed it
+    for pid in healthy:
+        assert stack.result(pid)["status"] == "succeeded"
+
+
+def test_readiness_reports_workers_and_unpretrained_model(make_stack):
+    import requests
+
+    stack = make_stack(workers=0)
+    r = requests.get(stack.base + "/readyz", timeout=5)
+    assert r.status_code == 503 and r.json()["status"] == "not_ready"
+    from pinfer.procs import start_workers
+
+    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.wait_ready(1)
+    body = requests.get(stack.base + "/readyz", timeout=5).json()
+    assert body["status"] == "ready" and body["pretrained"] is False and "NOT" in body["warning"]
+    assert {w["core"] for w in body["workers"]} <= {str(c) for c in os.sched_getaffinity(0)}
+
+
+def test_http_errors_through_gunicorn(make_stack):
+    import requests
+
+    stack = make_stack(workers=0, PINFER_MAX_UPLOAD_BYTES=100_000)
+    big = requests.post(stack.base + "/v1/predictions", data=b"\xff\xd8" + b"0" * 200_000,
+                        headers={"Content-Type": "image/jpeg"}, timeout=10)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "image_too_large"
+    text = requests.post(stack.base + "/v1/predictions", files={"image": ("a.txt", b"hello")}, timeout=10)
+    assert text.status_code == 415 and text.json()["error"]["code"] == "unsupported_format"
+    k = requests.post(stack.base + "/v1/predictions?top_k=21", files={"image": ("a", jpeg())}, timeout=10)
+    assert k.status_code == 400 and k.json()["error"]["code"] == "invalid_parameter"
+    missing = requests.get(stack.base + "/v1/predictions/nope", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"

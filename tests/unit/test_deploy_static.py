@@ -1,0 +1,488 @@
+"""Static checks of the deployment files (no Docker engine needed).
+
+docker-compose.yml, deploy/nginx.conf, deploy/gunicorn.conf.py, deploy/Dockerfile, .dockerignore and
+deploy/docker-entrypoint.sh are checked against the settings they must agree with (upload limit,
+long-poll length, thread counts) and against the topology rules: only nginx is published, scalable
+services have no fixed names or ports, every service is health-gated. `nginx -t` runs on the
+loopback rendering of the real nginx.conf (skipped without nginx, except in CI).
+"""
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shared.settings import Settings
+from tests.topology import nginx_binary, nginx_test, render_nginx_conf
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
+DEFAULTS = Settings()
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _tokens(text: str):
+    """nginx config tokens: words, quoted strings (unquoted), `{`, `}`, `;`; comments dropped."""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif c in "{};":
+            yield c
+            i += 1
+        elif c in "'\"":
+            j = i + 1
+            while text[j] != c:
+                j += 2 if text[j] == "\\" else 1
+            yield text[i + 1:j]
+            i = j + 1
+        else:
+            j = i
+            while j < n and not text[j].isspace() and text[j] not in "{};":
+                j += 1
+            yield text[i:j]
+            i = j
+
+
+def parse_nginx(text: str) -> list:
+    """[(name, args, children | None)], nested for blocks."""
+    stack: list[list] = [[]]
+    words: list[str] = []
+    for tok in _tokens(text):
+        if tok == ";":
+            stack[-1].append((words[0], words[1:], None))
+            words = []
+        elif tok == "{":
+            block: list = []
+            stack[-1].append((words[0], words[1:], block))
+            stack.append(block)
+            words = []
+        elif tok == "}":
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+        else:
+            words.append(tok)
+    assert len(stack) == 1 and not words, "unbalanced braces"
+    return stack[0]
+
+
+def find(block: list, name: str, args_prefix: tuple = ()) -> list:
+    return [d for d in block if d[0] == name and tuple(d[1][:len(args_prefix)]) == args_prefix]
+
+
+def one(block: list, name: str, *args_prefix: str):
+    found = find(block, name, args_prefix)
+    assert len(found) == 1, f"expected one `{name} {' '.join(args_prefix)}`, found {len(found)}"
+    return found[0]
+
+
+def nginx_size(value: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    assert m, f"not an nginx size: {value}"
+    return int(m[1]) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m[2].lower()]
+
+
+def nginx_seconds(value: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d)?", value)
+    assert parts and "".join(a + b for a, b in parts) == value, f"not an nginx time: {value}"
+    return sum(int(a) * units[b or "s"] for a, b in parts)
+
+
+def compose_seconds(value: str) -> float:
+    return sum(int(a) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[b]
+               for a, b in re.findall(r"(\d+)(ms|s|m|h)", value))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    # pyyaml comes with the `test` extra. Until an environment has it, only the compose checks are
+    # skipped (never in CI, where a missing parser must not hide them).
+    try:
+        import yaml
+    except ImportError:
+        if IN_CI:
+            raise
+        pytest.skip("pyyaml not installed (pip install -e '.[test]')")
+    data = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose) -> dict:
+    return compose["services"]
+
+
+@pytest.fixture(scope="module")
+def nginx() -> list:
+    return parse_nginx(NGINX_CONF.read_text())
+
+
+@pytest.fixture(scope="module")
+def nginx_server(nginx) -> list:
+    http = one(nginx, "http")[2]
+    return one(http, "server")[2]
+
+
+def _default_services(services: dict) -> dict:
+    """Services `docker compose up` starts (no `profiles`)."""
+    return {name: svc for name, svc in services.items() if not svc.get("profiles")}
+
+
+def _env(svc: dict) -> dict:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+def _depends(svc: dict) -> dict:
+    deps = svc.get("depends_on") or {}
+    return {d: {} for d in deps} if isinstance(deps, list) else deps
+
+
+def _has_healthcheck(svc: dict) -> bool:
+    hc = svc.get("healthcheck")
+    return bool(hc) and not hc.get("disable") and bool(hc.get("test"))
+
+
+def _healthcheck_cmd(svc: dict) -> str:
+    test = svc["healthcheck"]["test"]
+    return " ".join(test) if isinstance(test, list) else test
+
+
+# --------------------------------------------------------------------------------------- compose
+def test_compose_has_core_services(services):
+    for name in ("redis", "model", "api", "worker", "nginx"):
+        assert name in services, f"service {name} missing"
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_scalable_services_have_no_fixed_name_or_host_port(services, name):
+    svc = services[name]
+    assert "container_name" not in svc, f"{name}: container_name prevents --scale"
+    assert not svc.get("ports"), f"{name}: must not publish host ports (nginx is the entry point)"
+
+
+def test_redis_is_not_published(services):
+    assert not services["redis"].get("ports")
+    assert not services["redis"].get("network_mode"), "redis must stay on the compose network"
+
+
+def test_only_nginx_publishes_ports(services):
+    published = {name for name, svc in _default_services(services).items() if svc.get("ports")}
+    assert published == {"nginx"}
+    assert services["nginx"]["ports"] == ["${PINFER_PORT:-8000}:80"]
+    # Optional (profile) services may publish, but only on the host's loopback.
+    for name, svc in services.items():
+        if svc.get("profiles"):
+            for port in svc.get("ports") or []:
+                assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_every_service_is_health_gated(services):
+    completed_deps = {dep for svc in services.values() for dep, spec in _depends(svc).items()
+                      if spec.get("condition") == "service_completed_successfully"}
+    for name, svc in services.items():
+        one_shot = svc.get("restart", "no") == "no" and name in completed_deps
+        assert _has_healthcheck(svc) or one_shot, f"{name}: no healthcheck and not a gated one-shot"
+        for dep, spec in _depends(svc).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            cond = spec.get("condition")
+            assert cond in ("service_healthy", "service_completed_successfully"), \
+                f"{name} -> {dep}: depends_on without a health/completion condition"
+            if cond == "service_healthy":
+                assert _has_healthcheck(services[dep]), f"{name} waits for {dep}, which has no healthcheck"
+
+
+def test_redis_persists_and_never_evicts(services):
+    redis = services["redis"]
+    cmd = redis["command"]
+    cmd = cmd if isinstance(cmd, list) else cmd.split()
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert any(v.split(":")[1] == "/data" for v in redis["volumes"]), "redis data needs a volume"
+    assert "redis-cli" in _healthcheck_cmd(redis)
+
+
+def test_worker_topology(services):
+    worker = services["worker"]
+    env = _env(worker)
+    assert env["PINFER_WORKERS"] == "1"
+    assert env["PINFER_CORE_LEASE"].lower() in ("1", "true", "yes", "on")
+    assert any(str(v).endswith(":/etc/host-machine-id:ro") for v in worker["volumes"])
+    assert worker.get("init") is True
+    assert compose_seconds(worker["stop_grace_period"]) >= 60
+    assert "pinfer worker --check" in _healthcheck_cmd(worker)
+    assert _depends(worker)["model"]["condition"] == "service_completed_successfully"
+    assert _depends(worker)["redis"]["condition"] == "service_healthy"
+    assert any(str(v).startswith("model:/models") for v in worker["volumes"])
+
+
+def test_model_is_a_one_shot_into_the_model_volume(compose, services):
+    model = services["model"]
+    assert model.get("restart") == "no"
+    assert "model:/models" in model["volumes"]
+    assert "model" in compose["volumes"] and "redis-data" in compose["volumes"]
+
+
+def test_api_replicas_and_port(services):
+    api = services["api"]
+    assert api.get("deploy", {}).get("replicas", api.get("scale", 1)) >= 2
+    # nginx's upstream is api:8000, whatever port the host publishes.
+    assert _env(api)["PINFER_PORT"] == "8000"
+    assert "/healthz" in _healthcheck_cmd(api)
+    # gunicorn's graceful_timeout (max_wait_s + 5) must fit in the stop grace period.
+    assert compose_seconds(api["stop_grace_period"]) > DEFAULTS.max_wait_s + 5
+
+
+def test_pinfer_images_share_one_build_with_cpu_torch(services):
+    for name in ("model", "api", "worker"):
+        build = services[name]["build"]
+        assert build["dockerfile"] == "deploy/Dockerfile"
+        assert "download.pytorch.org/whl/cpu" in build["args"]["TORCH_INDEX_URL"]
+    assert len({services[n]["image"] for n in ("model", "api", "worker")}) == 1
+
+
+def test_compose_pinfer_variables_are_real_settings(services):
+    known = {f.metadata["env"] for f in Settings.__dataclass_fields__.values()}
+    for name, svc in services.items():
+        for var in _env(svc):
+            if var.startswith("PINFER_"):
+                assert var in known, f"{name}: {var} is not a setting of shared/settings.py"
+
+
+def test_nginx_service_uses_deploy_conf(services):
+    nginx = services["nginx"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    assert _depends(nginx)["api"]["condition"] == "service_healthy"
+    assert "/nginx-health" in _healthcheck_cmd(nginx)
+
+
+# --------------------------------------------------------------------------------------- nginx
+def test_nginx_body_limit_covers_upload_limit(nginx_server):
+    limit = nginx_size(one(nginx_server, "client_max_body_size")[1][0])
+    assert limit >= DEFAULTS.max_upload_bytes
+    bulk = [loc for loc in find(nginx_server, "location") if "images" in " ".join(loc[1])]
+    assert bulk, "no bulk-upload location"
+    assert nginx_size(one(bulk[0][2], "client_max_body_size")[1][0]) > limit
+
+
+def test_nginx_timeouts_outlast_long_polls(nginx_server):
+    read = nginx_seconds(one(nginx_server, "proxy_read_timeout")[1][0])
+    assert read > DEFAULTS.max_wait_s
+    assert nginx_seconds(one(nginx_server, "proxy_connect_timeout")[1][0]) <= 5
+
+
+def test_nginx_never_retries_post(nginx_server):
+    conditions = one(nginx_server, "proxy_next_upstream")[1]
+    assert "non_idempotent" not in conditions
+    assert {"error", "timeout"} <= set(conditions)
+    assert int(one(nginx_server, "proxy_next_upstream_tries")[1][0]) == 3
+
+
+def test_nginx_upstream_keepalive(nginx, nginx_server):
+    http = one(nginx, "http")[2]
+    upstream = one(http, "upstream", "pinfer_api")[2]
+    assert find(upstream, "least_conn")
+    servers = find(upstream, "server")
+    assert len(servers) == 1 and servers[0][1][0] == "api:8000"
+    assert any(a.startswith("max_fails=") for a in servers[0][1])
+    assert int(one(upstream, "keepalive")[1][0]) >= 1
+    assert one(nginx_server, "proxy_http_version")[1] == ["1.1"]
+    assert ["Connection", ""] in [d[1] for d in find(nginx_server, "proxy_set_header")]
+    headers = {d[1][0] for d in find(nginx_server, "proxy_set_header")}
+    assert {"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Request-ID"} <= headers
+    assert one(nginx_server, "listen")[1] == ["80"]
+
+
+def test_nginx_compresses_json(nginx):
+    http = one(nginx, "http")[2]
+    assert one(http, "gzip")[1] == ["on"]
+    assert {"application/json", "application/x-ndjson"} <= set(one(http, "gzip_types")[1])
+
+
+def test_nginx_upstream_idles_out_before_gunicorn(nginx, monkeypatch):
+    upstream = one(one(nginx, "http")[2], "upstream", "pinfer_api")[2]
+    idle = nginx_seconds(one(upstream, "keepalive_timeout")[1][0])
+    assert _load_gunicorn_conf(monkeypatch)["keepalive"] > idle
+
+
+def test_rendered_loopback_conf(tmp_path):
+    conf = render_nginx_conf(["127.0.0.1:18001", "127.0.0.1:18002"], "127.0.0.1:18080", tmp_path)
+    text = conf.read_text()
+    assert "api:8000" not in "\n".join(line.split("#")[0] for line in text.splitlines())
+    tree = parse_nginx(text)
+    upstream = one(one(tree, "http")[2], "upstream", "pinfer_api")[2]
+    servers = find(upstream, "server")
+    assert [s[1][0] for s in servers] == ["127.0.0.1:18001", "127.0.0.1:18002"]
+    assert all(any(a.startswith("max_fails=") for a in s[1]) for s in servers)
+    assert one(one(one(tree, "http")[2], "server")[2], "listen")[1] == ["127.0.0.1:18080"]
+    assert one(tree, "pid")[1][0].startswith(str(tmp_path))
+    for directive in ("client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path",
+                      "uwsgi_temp_path", "scgi_temp_path"):
+        assert one(one(tree, "http")[2], directive)[1][0].startswith(str(tmp_path))
+    logs = [d[1][0] for d in find(tree, "error_log") + find(one(tree, "http")[2], "access_log")]
+    assert logs and all(p.startswith(str(tmp_path)) for p in logs)
+
+
+def test_nginx_accepts_rendered_conf(tmp_path):
+    if nginx_binary() is None:
+        if IN_CI:
+            pytest.fail("CI=true but nginx is not installed")
+        pytest.skip("nginx not installed (apt-get install nginx)")
+    conf = render_nginx_conf(["127.0.0.1:18001", "127.0.0.1:18002"], "127.0.0.1:18080", tmp_path)
+    result = nginx_test(conf)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------- gunicorn
+def _load_gunicorn_conf(monkeypatch, **env: str) -> dict:
+    for var in list(os.environ):
+        if var.startswith("PINFER_") or var in ("FORWARDED_ALLOW_IPS", "GUNICORN_CONTROL_SOCKET"):
+            monkeypatch.delenv(var)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    return runpy.run_path(str(GUNICORN_CONF))
+
+
+def test_gunicorn_conf_defaults(monkeypatch):
+    conf = _load_gunicorn_conf(monkeypatch)
+    assert conf["worker_class"] == "gthread"
+    assert conf["threads"] == DEFAULTS.api_threads
+    assert conf["threads"] > DEFAULTS.max_waiters, "long-polls could occupy every thread"
+    assert conf["workers"] == DEFAULTS.api_processes
+    assert conf["bind"] == [f"0.0.0.0:{DEFAULTS.port}"]
+    assert conf["timeout"] > DEFAULTS.max_wait_s
+    assert conf["graceful_timeout"] >= DEFAULTS.max_wait_s
+    assert conf["max_requests"] > 0 and conf["max_requests_jitter"] > 0
+    assert conf["accesslog"] == "-"
+    assert conf["preload_app"] is False
+
+
+def test_gunicorn_conf_follows_settings(monkeypatch):
+    conf = _load_gunicorn_conf(monkeypatch, PINFER_PORT="9123", PINFER_API_THREADS="80",
+                               PINFER_API_PROCESSES="3", FORWARDED_ALLOW_IPS="*")
+    assert conf["bind"] == ["0.0.0.0:9123"]
+    assert (conf["threads"], conf["workers"]) == (80, 3)
+    assert conf["forwarded_allow_ips"] == "*"
+
+
+def test_gunicorn_conf_warns_when_threads_do_not_exceed_waiters(monkeypatch, capsys):
+    _load_gunicorn_conf(monkeypatch, PINFER_API_THREADS="8", PINFER_MAX_WAITERS="8")
+    assert "PINFER_MAX_WAITERS" in capsys.readouterr().err
+
+
+def test_gunicorn_settings_names_exist():
+    gunicorn_config = pytest.importorskip("gunicorn.config")
+    known = {s.name for s in gunicorn_config.KNOWN_SETTINGS}
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    ours = {k for k in conf if not k.startswith("_") and k not in
+            ("annotations", "os", "sys", "Path", "Settings")}
+    newer = {"control_socket", "control_socket_disable"}  # gunicorn >= 25.1, ignored by older
+    unknown = ours - known - newer
+    assert not unknown, f"not gunicorn settings (typos?): {unknown}"
+
+
+# --------------------------------------------------------------------------------------- image
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, cur = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not cur and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            cur += line[:-1] + " "
+            continue
+        cur += line
+        word, _, rest = cur.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+        cur = ""
+    return out
+
+
+def test_dockerfile_installs_cpu_torch_only():
+    instr = _dockerfile_instructions()
+    args = [a for i, a in instr if i == "ARG"]
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    runs = [a for i, a in instr if i == "RUN"]
+    torch_installs = [r for r in runs if "req-torch" in r and "pip install" in r]
+    assert torch_installs and all('--index-url "${TORCH_INDEX_URL}"' in r for r in torch_installs)
+    # The rest never resolves torch from PyPI: the package goes in with --no-deps, and no RUN
+    # names a bare `torch` requirement.
+    assert any("pip install --no-deps ." in r for r in runs)
+    for run in runs:
+        for command in re.split(r"&&|;|\|\|", run):
+            words = command.split()
+            if words[:2] == ["pip", "install"] and "--index-url" not in words:
+                bare = [w for w in words if re.match(r"""["']?torch($|[=<>~!\["'])""", w)]
+                assert not bare, f"torch installed without the CPU index: {command.strip()}"
+    assert any("torch.version.cuda" in r for r in runs), "no guard against a CUDA torch"
+
+
+def test_dockerfile_is_multistage_slim_non_root():
+    instr = _dockerfile_instructions()
+    froms = [a for i, a in instr if i == "FROM"]
+    assert len(froms) >= 2
+    assert "PYTHON_IMAGE=python:3.11-slim" in [a for i, a in instr if i == "ARG"]
+    final = max(idx for idx, (i, _) in enumerate(instr) if i == "FROM")
+    final_stage = instr[final:]
+    users = [a for i, a in final_stage if i == "USER"]
+    assert users and users[-1] not in ("root", "0"), "final stage must run as a non-root user"
+    assert any(i == "COPY" and a.startswith("--from=builder /opt/venv") for i, a in final_stage)
+    final_runs = " ".join(a for i, a in final_stage if i == "RUN")
+    assert not re.search(r"\b(gcc|build-essential|pip install)\b", final_runs)
+    assert any(i == "HEALTHCHECK" for i, _ in final_stage)
+    assert any(i == "ENV" and "PIP_NO_CACHE_DIR=1" in a for i, a in instr)
+
+
+def test_dockerignore_keeps_context_small():
+    patterns = {line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+                if line.strip() and not line.startswith("#")}
+    assert {".venv", "weights/build", ".git", "tests"} <= patterns
+    assert "README.md" not in patterns and "pyproject.toml" not in patterns  # the build needs them
+
+
+# --------------------------------------------------------------------------------------- entry point
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_entrypoint_roles(tmp_path):
+    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR, "entry point must be executable"
+    assert subprocess.run(["sh", "-n", str(ENTRYPOINT)]).returncode == 0
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for tool in ("pinfer", "gunicorn"):
+        (fake / tool).write_text('#!/bin/sh\necho "$(basename "$0") $*"\n')
+        (fake / tool).chmod(0o755)
+
+    def run(*args: str, **env: str) -> str:
+        full = {"PATH": f"{fake}:/usr/bin:/bin", "ENTRYPOINT_ROLE_FILE": str(tmp_path / "role"), **env}
+        return subprocess.run(["sh", str(ENTRYPOINT), *args], env=full, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert run() == "gunicorn -c /app/deploy/gunicorn.conf.py api:create_app()"
+    assert run("worker") == "pinfer worker"
+    assert (tmp_path / "role").read_text().strip() == "worker"
+    assert run("healthcheck") == "pinfer worker --check"
+    assert run("model", PINFER_MODEL_DIR="/models") == \
+        "pinfer export-model --out /models --if-missing --fallback-random-init"
+    assert run("model", PINFER_MODEL_DIR="/m", EXPORT_WEIGHTS="/w/r18.pth",
+               EXPORT_FALLBACK_RANDOM_INIT="0", EXPORT_FORCE="1") == \
+        "pinfer export-model --out /m --weights /w/r18.pth"
+    assert run("echo", "hi") == "hi"

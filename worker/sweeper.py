@@ -1,0 +1,100 @@
+"""Finds accepted predictions whose broker message was lost, and publishes them again.
+
+kombu's Redis transport pops a message with BRPOP *before* it records it in its ``unacked`` hash,
+and a worker's event loop keeps one BRPOP outstanding while it runs a batch. A worker killed in
+that window takes the popped message with it: nothing in Redis refers to it any more, and its
+prediction would stay ``queued`` forever. (An API process that dies between storing an image and
+publishing its ID leaves the same trace.) Every ``interval`` seconds one worker (Redis lock) looks
+at predictions still ``queued`` with 0 attempts that are older than the grace period and older than
+the message at the head of their queue (queues are FIFO, so such a message was already popped),
+and that no unacked message refers to. A live worker may hold one popped message for the length
+of a batch before recording it, so a prediction is republished only when two sweeps at least
+``confirm_s`` apart both find it orphaned. The claim step makes a rare
+double delivery harmless: a finished prediction is never classified twice.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import Callable
+
+from shared import keys
+from shared.schema import QUEUED
+from shared.store import Store
+
+log = logging.getLogger("pinfer.sweeper")
+
+
+def message_pid(raw: str | bytes) -> str | None:
+    """The prediction ID inside a kombu/Celery (protocol 2, JSON) message, or None."""
+    try:
+        msg = json.loads(raw)
+        if isinstance(msg, list):  # unacked entries are [message, exchange, routing_key]
+            msg = msg[0]
+        body = msg["body"]
+        if msg.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+class Sweeper:
+    def __init__(self, store: Store, publish: Callable[[str, str], None], grace_s: float,
+                 confirm_s: float = 4.0, limit: int = 500) -> None:
+        self.store = store
+        self.publish = publish
+        self.grace_s = grace_s
+        self.confirm_s = confirm_s
+        self.limit = limit
+
+    def sweep(self) -> list[str]:
+        r = self.store.r
+        if not r.set(keys.SWEEP_LOCK, "1", nx=True, ex=max(5, int(self.grace_s))):
+            return []
+        try:
+            return self._sweep()
+        finally:
+            r.delete(keys.SWEEP_LOCK)
+
+    def _head_enqueued_at(self, queue: str) -> float:
+        """When the next message BRPOP will take from ``queue`` was published (inf when empty)."""
+        head = self.store.r.lindex(queue, -1)
+        pid = message_pid(head) if head else None
+        rec = self.store.get(pid) if pid else None
+        return rec.enqueued_at if rec else float("inf")
+
+    def _sweep(self) -> list[str]:
+        now = time.time()
+        cutoff = min(now - self.grace_s, self._head_enqueued_at(keys.QUEUE_INTERACTIVE),
+                     self._head_enqueued_at(keys.QUEUE_BULK))
+        ttl = self.store.settings.image_ttl_s
+        # The pending set is scored by created_at + image TTL (created_at <= enqueued_at).
+        candidates = self.store.r.zrangebyscore(keys.PENDING, "-inf", cutoff + ttl, start=0, num=self.limit)
+        if not candidates:
+            self.store.r.delete(keys.SWEEP_SUSPECTS)
+            return []
+        held = {message_pid(v) for v in self.store.r.hvals(keys.KOMBU_UNACKED)}
+        orphans = [p for p in self.store.get_many(candidates)
+                   if p is not None and p.status == QUEUED and p.attempts == 0 and p.id not in held
+                   and p.enqueued_at < cutoff]
+        seen = self.store.r.hgetall(keys.SWEEP_SUSPECTS)
+        confirmed = [p for p in orphans if p.id in seen and float(seen[p.id]) <= now - self.confirm_s]
+        for p in confirmed:
+            log.warning("prediction %s was accepted %.0fs ago but its message is gone; publishing it again",
+                        p.id, now - p.created_at)
+            # Re-stamp first: the new message sits behind the queue head, so it is not swept again.
+            self.store.r.hset(keys.prediction(p.id), "enqueued_at", repr(time.time()))
+            self.publish(p.id, p.lane)
+        done = {p.id for p in confirmed}
+        suspects = {p.id: seen.get(p.id, repr(now)) for p in orphans if p.id not in done}
+        pipe = self.store.r.pipeline()
+        pipe.delete(keys.SWEEP_SUSPECTS)
+        if suspects:
+            pipe.hset(keys.SWEEP_SUSPECTS, mapping=suspects)
+            pipe.expire(keys.SWEEP_SUSPECTS, 300)
+        pipe.execute()
+        return sorted(done)
