@@ -51,9 +51,11 @@ def get(pid: str):
     rec = p.store.get(pid)
     if rec is None:
         raise NotFound(f"no prediction {pid} (unknown, or expired after PINFER_RESULT_TTL_S)")
+    capped = False
     if wait > 0 and rec.status not in TERMINAL:
         deadline = time.monotonic() + wait
         with p.waiters.waiting(pid) as ev:
+            capped = ev is None
             rec = p.store.get(pid) or rec  # re-read after registering: no result can slip by
             while ev is not None and rec.status not in TERMINAL:
                 left = deadline - time.monotonic()
@@ -62,7 +64,10 @@ def get(pid: str):
                 ev.wait(min(left, 5.0))  # woken by the done channel; 5 s re-read is a safety net
                 ev.clear()
                 rec = p.store.get(pid) or rec
-    return jsonify(rec.public())
+    resp = jsonify(rec.public())
+    if capped:  # too many long-polls in this process: answered at once, ask the client to pace itself
+        resp.headers["Retry-After"] = "1"
+    return resp
 
 
 __all__ = ["bp", "publish", "PinferError"]

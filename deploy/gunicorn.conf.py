@@ -14,7 +14,7 @@ costs a few hundred KiB of stack and nothing else.
   of that process. Not worth it for a few hundred concurrent waits.
 * gthread: PINFER_API_PROCESSES processes x PINFER_API_THREADS threads. The API holds at most
   PINFER_MAX_WAITERS long-polls per process and answers `wait` at once past that, so with
-  threads > max_waiters (64 > 48 by default) at least 16 threads per process always remain for
+  threads > max_waiters (256 > 192 by default) at least 64 threads per process always remain for
   submissions, however many clients long-poll. Idle keep-alive connections (from nginx) wait in
   the worker's poller, not on a thread.
 

@@ -79,11 +79,12 @@ class Settings:
     worker_ttl_s: int = _s("PINFER_WORKER_TTL_S", 20, "A worker not seen for this long counts as gone (/readyz).")
     batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 120, "Hard limit for one batch before the worker is restarted.")
     # --- API server --------------------------------------------------------------------------
-    api_threads: int = _s("PINFER_API_THREADS", 64, "Threads per gunicorn API process (gthread).")
+    api_threads: int = _s("PINFER_API_THREADS", 256,
+                           "Threads per gunicorn API process (gthread); a long-poll holds one while it waits.")
     api_processes: int = _s("PINFER_API_PROCESSES", 2, "gunicorn API processes.")
-    max_waiters: int = _s("PINFER_MAX_WAITERS", 48,
-                          "Long-polls held at once per API process; past it `wait` answers at once, so "
-                          "long-polls never starve submissions.")
+    max_waiters: int = _s("PINFER_MAX_WAITERS", 192,
+                          "Long-polls held at once per API process; past it `wait` answers at once (with "
+                          "`Retry-After: 1`), so long-polls never take the threads submissions need.")
     # --- testing -----------------------------------------------------------------------------
     chaos_kill_marker: str = _s("PINFER_CHAOS_KILL_MARKER", "",
                                 "Testing only: a worker that decodes an image containing these bytes kills "
