@@ -65,7 +65,7 @@ def job_names(jid: str) -> str:
 
 
 def core_leases(host: str) -> str:
-    """Hash: core number -> worker name holding it on ``host`` (compose replicas pick distinct cores)."""
+    """Hash: core number -> "<holder>|<lease expiry>" on ``host`` (compose replicas pick distinct cores)."""
     return f"{PREFIX}cores:{host}"
 
 

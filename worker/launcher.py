@@ -99,7 +99,9 @@ class Launcher:
             for c in self.children:
                 if c.core is not None:
                     try:
-                        self.store.lease_core(self.host, self.holder, [c.core], self._lease_s())
+                        if self.store.lease_core(self.host, self.holder, [c.core], self._lease_s()) is None:
+                            log.error("lost the lease on core %d of host %s (Redis unreachable for longer "
+                                      "than the lease?): another replica may share it", c.core, self.host)
                     except Exception as exc:
                         log.warning("core lease renewal failed: %s", exc)
             time.sleep(self.settings.heartbeat_s)
