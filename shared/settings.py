@@ -77,7 +77,10 @@ class Settings:
                              "Deliveries of one image whose worker died before it is failed `worker_crashed`.")
     heartbeat_s: float = _s("PINFER_HEARTBEAT_S", 5.0, "How often a worker refreshes its heartbeat key.")
     worker_ttl_s: int = _s("PINFER_WORKER_TTL_S", 20, "A worker not seen for this long counts as gone (/readyz).")
-    batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 120, "Hard limit for one batch before the worker is restarted.")
+    batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 20,
+                                 "A batch running longer is taken as hung: the worker process kills itself and "
+                                 "its images are delivered again (counting toward PINFER_MAX_DELIVERIES). Must "
+                                 "stay below PINFER_VISIBILITY_TIMEOUT_S.")
     # --- API server --------------------------------------------------------------------------
     api_threads: int = _s("PINFER_API_THREADS", 256,
                            "Threads per gunicorn API process (gthread); a long-poll holds one while it waits.")
@@ -119,6 +122,9 @@ class Settings:
                 raise ValueError(f"{_env(name)} must be at least 1")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
+        if self.batch_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError("PINFER_BATCH_TIME_LIMIT_S must be below PINFER_VISIBILITY_TIMEOUT_S: a batch still "
+                             "running when its messages become visible again would be delivered twice")
 
     @property
     def manifest_path(self) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -78,11 +79,11 @@ def classify(self, requests):
 
     clf = _state["classifier"]
     items = [Item(pid=str(r.args[0]), lane=_lane(r), tag=r.id) for r in requests if r.args]
-    _state["status"] = "BUSY"
+    _state.update(status="BUSY", busy_since=time.monotonic())
     try:
         out = clf.run(items, may_defer=getattr(self, "may_defer", True))
     finally:
-        _state["status"] = "READY"
+        _state.update(status="READY", busy_since=None)
     _state["batches"] += 1
     _state["images"] += len(out.done)
     return {"deferred": [i.tag for i in out.deferred]}
@@ -145,13 +146,18 @@ def _start_heartbeat(store: Store, name: str) -> None:
 
     def beat() -> None:
         while True:
+            since = _state.get("busy_since")
+            if since is not None and time.monotonic() - since > settings.batch_time_limit_s:
+                log.critical("a batch has run for more than PINFER_BATCH_TIME_LIMIT_S=%ss: taking the worker "
+                             "down so its images are delivered again", settings.batch_time_limit_s)
+                os.kill(os.getpid(), signal.SIGKILL)
             try:
                 store.heartbeat(name, _heartbeat_info())
                 if _state["status"] in ("READY", "BUSY"):
                     sweeper.sweep()
             except Exception as exc:  # Redis away: keep trying, the worker itself reconnects
                 log.warning("heartbeat/sweep failed: %s", exc)
-            time.sleep(settings.heartbeat_s)
+            time.sleep(min(settings.heartbeat_s, settings.batch_time_limit_s / 4))
 
     threading.Thread(target=beat, name="pinfer-heartbeat", daemon=True).start()
 

@@ -90,7 +90,8 @@ def test_sigkill_mid_batch_loses_nothing_and_recovers_within_a_minute(make_stack
 def test_poison_image_fails_after_bounded_deliveries_and_spares_its_batch(make_stack):
     # A short visibility timeout only to keep the test quick: the bound itself is what is tested.
     stack = make_stack(workers=1, PINFER_CHAOS_KILL_MARKER="PINFER-POISON-PILL",
-                       PINFER_VISIBILITY_TIMEOUT_S=5, PINFER_RESTORE_INTERVAL_S=1, PINFER_MAX_DELIVERIES=2)
+                       PINFER_VISIBILITY_TIMEOUT_S=5, PINFER_RESTORE_INTERVAL_S=1, PINFER_MAX_DELIVERIES=2,
+                       PINFER_BATCH_TIME_LIMIT_S=4)
     poison = stack.submit(jpeg(extra=b"PINFER-POISON-PILL"))["id"]
     healthy = [stack.submit(jpeg((10 * i, 100, 50)))["id"] for i in range(6)]
     bad = stack.result(poison, timeout=180)
