@@ -30,11 +30,11 @@ def create():
     body = request.get_json(silent=True) or {}
     if not isinstance(body, dict):
         raise InvalidParameter("the body must be a JSON object like {\"name\": ..., \"top_k\": 5}")
-    top_k = body.get("top_k", request.values.get("top_k", s.default_top_k))
-    try:
+    top_k = body.get("top_k", request.args.get("top_k", s.default_top_k))
+    if isinstance(top_k, str) and top_k.strip().isdigit():
         top_k = int(top_k)
-    except (TypeError, ValueError):
-        raise InvalidParameter(f"`top_k` must be an integer from 1 to {s.max_top_k}") from None
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise InvalidParameter(f"`top_k` must be an integer from 1 to {s.max_top_k}")
     if not 1 <= top_k <= s.max_top_k:
         raise InvalidParameter(f"`top_k` must be from 1 to {s.max_top_k}, not {top_k}")
     name = body.get("name")

@@ -1,29 +1,35 @@
 """``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
 from api.uploads import float_param, int_param, single_image
-from shared.errors import NotFound, PinferError, ServiceUnavailable
+from shared.errors import NotFound, PinferError
 from shared.images import probe
-from shared.schema import FAILED, INTERACTIVE, QUEUED, TERMINAL, new_id
+from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
 
 bp = Blueprint("predictions", __name__, url_prefix="/v1/predictions")
+log = logging.getLogger("pinfer.api")
 
 
 def publish(pid: str, lane: str) -> None:
-    """Send the ID to the workers; if that fails the record is failed, never left queued forever."""
+    """Send the ID to the workers.
+
+    The image is already stored and counted (accepted). If the publish fails (the broker connection
+    dropped between the two steps), the record stays ``queued`` with no message, which is exactly
+    what the workers' sweeper looks for: it publishes it again, so the client still gets a result.
+    """
     p = pinfer()
     try:
         p.enqueue(pid, lane)
     except Exception as exc:
-        p.store.transition(pid, FAILED, (QUEUED,), {"error_code": ServiceUnavailable.code,
-                                                    "error_message": f"the broker refused the task: {exc}",
-                                                    "finished_at": time.time()})
-        raise ServiceUnavailable("the broker is unavailable; the image was not queued, retry later") from exc
+        log.warning("publishing %s failed (%s); the sweeper will publish it", pid, exc)
+        return
+    p.store.mark_enqueued(pid)
 
 
 @bp.post("")
@@ -37,7 +43,7 @@ def submit():
     sub = p.store.submit(pid, data, top_k, INTERACTIVE)
     publish(sub.id, INTERACTIVE)
     link = url_for("predictions.get", pid=pid)
-    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": time.time(),
+    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
                     "links": {"self": link}})
     resp.status_code = 202
     resp.headers["Location"] = link

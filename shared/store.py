@@ -14,7 +14,7 @@ import redis
 
 from shared import keys, lua
 from shared.errors import Conflict, NotFound, Overloaded
-from shared.schema import (BULK, CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_OPEN, QUEUED,
+from shared.schema import (BULK, CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED,
                            RUNNING, Job, Prediction)
 from shared.settings import Settings
 
@@ -25,6 +25,7 @@ class Submitted:
 
     outcome: str  # "ok" | "duplicate"
     id: str
+    created_at: float = 0.0
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Store:
         if outcome == "ok":
             if error:
                 self.r.publish(keys.DONE_CHANNEL, pid)
-            return Submitted("ok", pid)
+            return Submitted("ok", pid, now)
         if outcome == "duplicate":
             return Submitted("duplicate", res[1])
         if outcome == "overloaded":
@@ -91,6 +92,11 @@ class Store:
         if outcome == "no_job":
             raise NotFound(f"job {job_id} does not exist or has expired")
         raise Conflict(f"job {job_id} is {outcome[4:]}: it accepts no more images")
+
+    def mark_enqueued(self, pid: str, at: float | None = None) -> None:
+        """Stamp the publish time after the message is sent, so the sweeper's FIFO check sees the
+        queue's real order (records are created before their message is published)."""
+        self.r.hset(keys.prediction(pid), "enqueued_at", repr(time.time() if at is None else at))
 
     def get(self, pid: str) -> Prediction | None:
         raw = self.r.hgetall(keys.prediction(pid))
@@ -161,8 +167,8 @@ class Store:
     def cancel_job(self, jid: str, chunk: int = 1000) -> Job:
         """Mark the job canceled (no more uploads), then every still-queued image canceled."""
         job = self.get_job(jid)
-        if job.status in (JOB_CANCELED,):
-            return job
+        if job.status in (JOB_CANCELED, JOB_FINISHED):
+            return job  # nothing left to cancel: a finished job stays finished
         self.r.hset(keys.job(jid), mapping={"status": JOB_CANCELED, "finished_at": repr(time.time())})
         err = {"error_code": "canceled", "error_message": "the job was canceled before this image ran",
                "finished_at": time.time()}

@@ -33,12 +33,14 @@ def message_pid(raw: str | bytes) -> str | None:
         msg = json.loads(raw)
         if isinstance(msg, list):  # unacked entries are [message, exchange, routing_key]
             msg = msg[0]
+        if not isinstance(msg, dict):
+            return None
         body = msg["body"]
         if msg.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        return str(args[0]) if args else None
-    except (ValueError, KeyError, IndexError, TypeError):
+        return str(args[0]) if isinstance(args, list) and args else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         return None
 
 
@@ -86,9 +88,9 @@ class Sweeper:
         for p in confirmed:
             log.warning("prediction %s was accepted %.0fs ago but its message is gone; publishing it again",
                         p.id, now - p.created_at)
-            # Re-stamp first: the new message sits behind the queue head, so it is not swept again.
-            self.store.r.hset(keys.prediction(p.id), "enqueued_at", repr(time.time()))
             self.publish(p.id, p.lane)
+            # Re-stamped: the new message sits behind the queue head, so it is not swept again.
+            self.store.mark_enqueued(p.id, at=time.time())
         done = {p.id for p in confirmed}
         suspects = {p.id: seen.get(p.id, repr(now)) for p in orphans if p.id not in done}
         pipe = self.store.r.pipeline()
