@@ -84,3 +84,6 @@ KOMBU_UNACKED = "unacked"
 SWEEP_LOCK = PREFIX + "sweep-lock"
 #: Hash: prediction ID -> when a sweep first saw it orphaned; republished only if a later sweep agrees.
 SWEEP_SUSPECTS = PREFIX + "sweep-suspects"
+#: String with a TTL, set by every interactive submission: while it exists, workers run bulk work in
+#: small chunks that yield to interactive work; otherwise in full batches.
+INTERACTIVE_RECENT = PREFIX + "interactive-recent"

@@ -7,9 +7,11 @@ Key names are passed in (built by ``shared.keys``); job keys are derived from th
 ARGV because a prediction only learns its job ID inside the script (single-node Redis, no cluster).
 """
 
-# KEYS: 1 pending, 2 pred, 3 image, 4 job, 5 job_pending, 6 job_items, 7 job_names, 8 job_done
+# KEYS: 1 pending, 2 pred, 3 image, 4 job, 5 job_pending, 6 job_items, 7 job_names, 8 job_done,
+#       9 interactive-recent marker ('' for bulk)
 # ARGV: 1 id, 2 now, 3 max_pending, 4 image_ttl, 5 result_ttl, 6 bytes, 7 job_max_pending,
-#       8 name, 9 status ('queued' or 'failed' for an image rejected at submit), 10.. field pairs
+#       8 name, 9 status ('queued' or 'failed' for an image rejected at submit),
+#       10 interactive window seconds, 11.. field pairs
 SUBMIT = """
 local id, now = ARGV[1], tonumber(ARGV[2])
 local has_job = KEYS[4] ~= ''
@@ -34,9 +36,10 @@ if status == 'queued' then
   if has_job then redis.call('ZADD', KEYS[5], expires, id) end
 end
 local fields = {}
-for i = 10, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('HSET', KEYS[2], 'status', status, unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if KEYS[9] ~= '' then redis.call('SET', KEYS[9], '1', 'EX', ARGV[10]) end
 if has_job then
   redis.call('RPUSH', KEYS[6], id)
   redis.call('HSET', KEYS[7], ARGV[8], id)

@@ -59,8 +59,11 @@ class Settings:
                      "at reduced scale first.", ("exact", "fast"))
     max_batch: int = _s("PINFER_MAX_BATCH", 16, "Most images classified in one forward pass.")
     max_wait_ms: int = _s("PINFER_MAX_WAIT_MS", 10, "How long a worker waits for a batch to fill after its first image.")
-    bulk_chunk: int = _s("PINFER_BULK_CHUNK", 4,
-                         "Bulk images per forward pass between checks for waiting interactive work.")
+    bulk_chunk: int = _s("PINFER_BULK_CHUNK", 2,
+                         "While interactive traffic is recent, bulk images per forward pass between checks for "
+                         "waiting interactive work (otherwise bulk runs in full PINFER_MAX_BATCH batches).")
+    interactive_window_s: int = _s("PINFER_INTERACTIVE_WINDOW_S", 60,
+                                   "How long after an interactive submission bulk work keeps yielding in small chunks.")
     # --- workers -----------------------------------------------------------------------------
     workers: int = _s("PINFER_WORKERS", 0, "Worker processes `pinfer worker` starts; 0 = one per core in its affinity.")
     cores: str = _s("PINFER_CORES", "", "Cores to pin workers to (e.g. `0-3,6`); empty = the process's affinity.")
@@ -117,7 +120,8 @@ class Settings:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.metadata['env']} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
-        for name in ("max_upload_bytes", "max_pixels", "max_batch", "max_top_k", "max_deliveries", "bulk_chunk"):
+        for name in ("max_upload_bytes", "max_pixels", "max_batch", "max_top_k", "max_deliveries", "bulk_chunk",
+                     "interactive_window_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
         if self.visibility_timeout_s < 5:

@@ -73,9 +73,10 @@ class Store:
                   keys.job_done(job_id)] if job_id else ["", "", "", "", ""])
         s = self.settings
         res = self._submit(
-            keys=[keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys],
+            keys=[keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys,
+                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE else ""],
             args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if not error else b"",
-                  s.max_pending_per_job, name or "", status, *fields])
+                  s.max_pending_per_job, name or "", status, s.interactive_window_s, *fields])
         outcome = res[0]
         if outcome == "ok":
             if error:
@@ -97,6 +98,10 @@ class Store:
         """Stamp the publish time after the message is sent, so the sweeper's FIFO check sees the
         queue's real order (records are created before their message is published)."""
         self.r.hset(keys.prediction(pid), "enqueued_at", repr(time.time() if at is None else at))
+
+    def interactive_recent(self) -> bool:
+        """Whether an interactive image was submitted within PINFER_INTERACTIVE_WINDOW_S."""
+        return bool(self.r.exists(keys.INTERACTIVE_RECENT))
 
     def get(self, pid: str) -> Prediction | None:
         raw = self.r.hgetall(keys.prediction(pid))

@@ -7,8 +7,10 @@
    fresh ones are stored, so a poison image cannot take healthy neighbours down with it again.
 3. Decode + preprocess each image; a bad one fails alone. One forward pass per chunk of at most
    PINFER_MAX_BATCH images. Results go back in one pipelined round trip.
-Interactive items go first; between bulk chunks the worker looks at the interactive queue and
-hands the rest of the bulk items back (``Outcome.deferred``) when interactive work is waiting.
+Interactive items go first. While interactive traffic is recent (PINFER_INTERACTIVE_WINDOW_S), bulk
+items run PINFER_BULK_CHUNK at a time, and between chunks the worker looks at the interactive queue
+and hands the rest of the bulk items back (``Outcome.deferred``) when interactive work is waiting;
+otherwise bulk runs in full batches, for throughput.
 """
 from __future__ import annotations
 
@@ -57,13 +59,15 @@ class _Claimed:
 
 class Classifier:
     def __init__(self, settings: Settings, store: Store, runtime, worker_name: str,
-                 interactive_waiting: Callable[[], bool] | None = None) -> None:
+                 interactive_waiting: Callable[[], bool] | None = None,
+                 interactive_recent: Callable[[], bool] | None = None) -> None:
         self.s = settings
         self.store = store
         self.runtime = runtime
         self.worker_name = worker_name
         self.labels = load_labels()
         self.interactive_waiting = interactive_waiting or (lambda: store.r.llen(keys.QUEUE_INTERACTIVE) > 0)
+        self.interactive_recent = interactive_recent or store.interactive_recent
         self.kill_marker = settings.chaos_kill_marker.encode() if settings.chaos_kill_marker else b""
 
     def run(self, items: Sequence[Item], may_defer: bool = True) -> Outcome:
@@ -71,7 +75,8 @@ class Classifier:
         interactive = [i for i in items if i.lane == INTERACTIVE]
         bulk = [i for i in items if i.lane != INTERACTIVE]
         self._process(interactive, out)
-        step = self.s.bulk_chunk
+        # Full batches while nobody waits interactively; small chunks that yield while someone might.
+        step = self.s.bulk_chunk if bulk and (interactive or self.interactive_recent()) else self.s.max_batch
         for start in range(0, len(bulk), step):
             if start and may_defer and self.interactive_waiting():
                 out.deferred.extend(bulk[start:])

@@ -53,10 +53,12 @@ class FakeRuntime:
 class World:
     """Store + fake runtime + helpers to submit distinct solid-colour images."""
 
-    def __init__(self, store, settings, images, runtime=None, waiting=None) -> None:
+    def __init__(self, store, settings, images, runtime=None, waiting=None, recent=lambda: True) -> None:
+        """``recent``: whether interactive traffic was seen lately (bulk then runs in small chunks)."""
         self.store, self.settings, self.images = store, settings, images
         self.runtime = runtime or FakeRuntime()
-        self.clf = Classifier(settings, store, self.runtime, "worker-1", interactive_waiting=waiting)
+        self.clf = Classifier(settings, store, self.runtime, "worker-1", interactive_waiting=waiting,
+                              interactive_recent=recent)
         self.fp: dict[str, float] = {}
         self._n = 0
 
@@ -264,8 +266,28 @@ def test_bulk_runs_in_chunks_when_nothing_interactive_waits(store, settings, ima
     assert w.runtime.sizes == [2, 2, 1] and out.deferred == []
 
 
+def test_bulk_runs_in_full_batches_when_no_interactive_traffic_is_recent(store, settings, images):
+    asked = []
+    w = World(store, settings.replace(bulk_chunk=2, max_batch=4), images,
+              waiting=lambda: asked.append(1) or False, recent=lambda: False)
+    bulk = [w.add(BULK) for _ in range(9)]
+    out = w.clf.run(bulk)
+    assert w.runtime.sizes == [4, 4, 1] and out.deferred == []
+
+
+def test_interactive_submissions_switch_bulk_to_small_chunks(client, store, settings, images):
+    """The API marks recent interactive traffic; the worker's own check reads that mark."""
+    w = World(store, settings.replace(bulk_chunk=2, max_batch=16), images, waiting=lambda: False, recent=None)
+    w.clf.run([w.add(BULK) for _ in range(5)])
+    assert w.runtime.sizes == [5]
+    assert client.post("/v1/predictions", data=images.jpeg(), content_type="image/jpeg").status_code == 202
+    w.clf.run([w.add(BULK) for _ in range(5)])
+    assert w.runtime.sizes == [5, 2, 2, 1]
+
+
 def test_default_waiting_check_looks_at_the_interactive_queue(store, settings, images):
-    w = World(store, settings.replace(bulk_chunk=1), images)  # the Classifier's own check
+    w = World(store, settings.replace(bulk_chunk=1), images, recent=None)  # the Classifier's own checks
+    store.r.set(keys.INTERACTIVE_RECENT, "1")
     bulk = [w.add(BULK) for _ in range(3)]
     assert w.clf.run(bulk[:2]).deferred == []
     store.r.lpush(keys.QUEUE_INTERACTIVE, "{}")
