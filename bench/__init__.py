@@ -1,0 +1,1 @@
+"""Benchmarks of the whole service: `python -m bench.run --help`, bench/README.md."""
