@@ -67,12 +67,19 @@ def _api(argv: list[str]) -> int:
 
 
 def _up(argv: list[str]) -> int:
-    """Run the whole service in the foreground until Ctrl-C/SIGTERM, then stop it cleanly."""
+    """Run the whole service in the foreground until Ctrl-C/SIGTERM, then stop it in order.
+
+    The first signal starts an orderly stop: API first, then the workers (each finishes its batch;
+    Redis is still up to take their results), then Redis. A second signal kills what is left.
+    """
+    import threading
+
     import requests
 
-    from pinfer.procs import ROOT, start_api, start_redis, start_workers, wait_until
+    from pinfer.procs import ROOT, start_api, start_redis, start_workers
     from shared.settings import Settings
     from weights.export import main as export
+    from worker.launcher import parse_cores
 
     settings = Settings.from_env()
     if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
@@ -81,16 +88,20 @@ def _up(argv: list[str]) -> int:
     run_dir.mkdir(exist_ok=True)
     env = dict(os.environ)
     procs = []
-    stop = {"n": 0}
+    stop = threading.Event()
+    signals_seen = [0]
 
     def on_signal(signum, _frame):
-        stop["n"] += 1
-        if stop["n"] > 1:  # second signal: no more waiting
+        signals_seen[0] += 1
+        if signals_seen[0] == 1:
+            print("\nstopping: API, then workers (they finish their batches), then Redis; "
+                  "signal again to kill", flush=True)
+            stop.set()
+        else:
             for p in procs:
-                p.stop(signal.SIGKILL, 5)
-            os._exit(1)
-        raise KeyboardInterrupt
+                p.popen.kill()
 
+    signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not os.environ.get("PINFER_REDIS_URL"):
@@ -101,22 +112,35 @@ def _up(argv: list[str]) -> int:
         procs.append(start_workers(env))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
-        wait_until(lambda: requests.get(base + "/readyz", timeout=2).status_code == 200, 300,
-                   "pinfer (API + a worker with its model)")
-        ready = requests.get(base + "/readyz", timeout=2).json()
-        warn = "" if ready.get("pretrained") else "  WARNING: model NOT pretrained (random weights)"
-        print(f"pinfer ready on {base} ({ready['ready_workers']} workers){warn}  Ctrl-C to stop", flush=True)
-        while all(p.popen.poll() is None for p in procs):
-            time.sleep(0.5)
+        cores = parse_cores(settings.cores) if settings.cores else os.sched_getaffinity(0)
+        expected = settings.workers or len(cores)
+        ready: dict = {}
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            if any(p.popen.poll() is not None for p in procs):
+                break
+            try:
+                ready = requests.get(base + "/readyz", timeout=2).json()
+            except (requests.RequestException, ValueError):
+                ready = {}
+            if ready.get("ready_workers", 0) >= expected:
+                break
+            stop.wait(0.25)
+        if ready.get("status") == "ready" and not stop.is_set():
+            warn = "" if ready.get("pretrained") else "  WARNING: model NOT pretrained (random weights)"
+            n = ready["ready_workers"]
+            print(f"pinfer ready on {base} ({n} worker{'s' if n != 1 else ''}){warn}  Ctrl-C to stop", flush=True)
+        while not stop.is_set() and all(p.popen.poll() is None for p in procs):
+            stop.wait(0.5)
+        if stop.is_set():
+            return 0
         dead = [p.name for p in procs if p.popen.poll() is not None]
         print(f"pinfer: {', '.join(dead)} exited; stopping", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("stopping (workers finish their batches)…", flush=True)
-        return 0
     finally:
-        for p in reversed(procs):  # API first, then workers (warm shutdown), then Redis
+        for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
             p.stop(signal.SIGTERM, 60)
+        print("stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,16 @@ class Proc:
         return self.popen.returncode
 
 
+def _die_with_parent() -> None:
+    """SIGTERM this child when the process that started it dies (Linux PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
 def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
     """A private redis-server on loopback, configured as a broker must be (noeviction, AOF off)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +88,10 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
     cmd = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
            "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(workdir),
            "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    # Its own session: a Ctrl-C in the terminal must not stop Redis before the workers have
+    # finished their batches (they need it to store results); it still dies with its parent.
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                         preexec_fn=_die_with_parent)
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 
