@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import time
 
 import pytest
@@ -13,15 +12,7 @@ import pytest
 from shared import keys
 from shared.schema import QUEUED, RUNNING, STATUSES, SUCCEEDED
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
-
-
-def assert_error(resp, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    body = resp.get_json()
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    return body
+from tests.unit.helpers import ID_RE, assert_error
 
 
 def create_job(client, **body) -> dict:

@@ -6,10 +6,8 @@ refused requests are checked to leave nothing behind (no record, no bytes, no ta
 from __future__ import annotations
 
 import io
-import re
 import threading
 import time
-from contextlib import contextmanager
 
 import fakeredis
 import pytest
@@ -17,15 +15,7 @@ import pytest
 from shared import keys
 from shared.schema import FAILED, QUEUED, RUNNING, SUCCEEDED
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{22}$")
-
-
-def assert_error(resp, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.get_data(as_text=True)
-    body = resp.get_json()
-    assert body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    return body
+from tests.unit.helpers import ID_RE, assert_error
 
 
 def prediction_keys(store) -> list[str]:

@@ -138,6 +138,7 @@ def test_random_init_is_deterministic(tmp_path: Path) -> None:
     b = export_model(tmp_path / "b", random_init=True, seed=3)
     c = export_model(tmp_path / "c", random_init=True, seed=4)
     assert a.pretrained is False and a.weights_sha256 is None and a.seed == 3
+    assert (b.seed, c.seed) == (3, 4)
     x = torch.randn(2, 3, 224, 224)
     outs = [torch.jit.load(str(verify_artifact(tmp_path / d)[1]))(x) for d in "abc"]
     assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
