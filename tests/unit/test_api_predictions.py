@@ -378,3 +378,25 @@ def test_index_page_is_html(client):
     assert resp.status_code == 200
     assert resp.mimetype == "text/html"
     assert b"<html" in resp.data.lower() and b"pinfer" in resp.data
+
+
+def test_the_api_process_never_imports_torch_or_the_worker():
+    """The API sends tasks by name: building the app and serving a submission loads no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io, fakeredis\n"
+        "from PIL import Image\n"
+        "from api import create_app\n"
+        "from shared.settings import Settings\n"
+        "srv = fakeredis.FakeServer()\n"
+        "app = create_app({'SETTINGS': Settings(), 'REDIS': fakeredis.FakeRedis(server=srv, decode_responses=True),"
+        " 'REDIS_RAW': fakeredis.FakeRedis(server=srv), 'ENQUEUE': lambda pid, lane: None})\n"
+        "buf = io.BytesIO(); Image.new('RGB', (64, 48)).save(buf, 'JPEG')\n"
+        "r = app.test_client().post('/v1/predictions', data=buf.getvalue(), content_type='image/jpeg')\n"
+        "assert r.status_code == 202, r.data\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'worker', 'celery_batches') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
