@@ -78,7 +78,10 @@ class Classifier:
         # Full batches while nobody waits interactively; small chunks that yield while someone might.
         step = self.s.bulk_chunk if bulk and (interactive or self.interactive_recent()) else self.s.max_batch
         for start in range(0, len(bulk), step):
-            if start and may_defer and self.interactive_waiting():
+            # Also before the first chunk: kombu's event loop fires a due flush timer before it reads
+            # the socket, so a flush right after a hand-back would otherwise run one more bulk chunk
+            # ahead of the interactive message it handed back for.
+            if may_defer and self.interactive_waiting():
                 out.deferred.extend(bulk[start:])
                 break
             self._process(bulk[start:start + step], out)

@@ -243,19 +243,21 @@ def test_bulk_is_handed_back_when_interactive_work_waits(store, settings, images
     w = World(store, settings.replace(bulk_chunk=2), images, waiting=waiting)
     bulk = [w.add(BULK) for _ in range(5)]
 
-    out = w.clf.run(bulk)
+    first = [w.add(INTERACTIVE)]
+    out = w.clf.run(first + bulk)
 
-    assert w.runtime.batches == [w.fps(bulk[:2])]
-    assert asked == [1]  # looked only after the first chunk
-    assert out.done == bulk[:2] and out.deferred == bulk[2:]
-    for item in bulk[2:]:  # untouched: still queued, bytes kept, claimable later
+    # The interactive image first; then, as more interactive work waits, no bulk chunk at all.
+    assert w.runtime.batches == [w.fps(first)]
+    assert asked == [1]  # looked before the first bulk chunk
+    assert out.done == first and out.deferred == bulk
+    for item in bulk:  # untouched: still queued, bytes kept, claimable later
         rec = store.get(item.pid)
         assert rec.status == QUEUED and rec.attempts == 0 and rec.error is None
-    assert None not in store.images([i.pid for i in bulk[2:]])
+    assert None not in store.images([i.pid for i in bulk])
 
     # handed back, they are classified by a later batch
     out2 = w.clf.run(out.deferred, may_defer=False)
-    assert out2.deferred == [] and {w.status(i) for i in bulk} == {SUCCEEDED}
+    assert out2.deferred == [] and {w.status(i) for i in first + bulk} == {SUCCEEDED}
     assert all(store.get(i.pid).attempts == 1 for i in bulk)
 
 
@@ -290,10 +292,13 @@ def test_default_waiting_check_looks_at_the_interactive_queue(store, settings, i
     store.r.set(keys.INTERACTIVE_RECENT, "1")
     bulk = [w.add(BULK) for _ in range(3)]
     assert w.clf.run(bulk[:2]).deferred == []
-    store.r.lpush(keys.QUEUE_INTERACTIVE, "{}")
-    out = w.clf.run(bulk[2:] + [w.add(BULK)])
-    assert len(out.deferred) == 1
-    assert w.clf.run(out.deferred, may_defer=False).deferred == []
+    store.r.lpush(keys.QUEUE_INTERACTIVE, "{}")  # an interactive message waits in the queue
+    rest = bulk[2:] + [w.add(BULK)]
+    out = w.clf.run(rest)
+    assert out.deferred == rest and out.done == []
+    store.r.delete(keys.QUEUE_INTERACTIVE)  # fetched (by this worker or another)
+    assert w.clf.run(out.deferred).deferred == []
+    assert {w.status(i) for i in bulk} == {SUCCEEDED}
 
 
 # --- the real runtime over the fixture artifacts -----------------------------------------------------
