@@ -130,3 +130,35 @@ def test_http_errors_through_gunicorn(make_stack):
     assert k.status_code == 400 and k.json()["error"]["code"] == "invalid_parameter"
     missing = requests.get(stack.base + "/v1/predictions/nope", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_a_lost_message_is_found_and_published_again(make_stack):
+    """An accepted image whose broker message vanished (popped by a worker that was then killed, or
+    an API that died between storing and publishing) still gets its result: the sweeper finds it."""
+    import requests
+
+    from pinfer.procs import start_workers
+    from shared import keys
+
+    # A short grace period only to keep the test quick; the mechanism is what is tested.
+    stack = make_stack(workers=0, PINFER_VISIBILITY_TIMEOUT_S=5, PINFER_BATCH_TIME_LIMIT_S=4,
+                       PINFER_HEARTBEAT_S=1)
+    lost = stack.submit(jpeg((30, 160, 90)))["id"]
+    kept = stack.submit(jpeg((160, 30, 90)))["id"]
+    r = stack.store.r
+    messages = r.lrange(keys.QUEUE_INTERACTIVE, 0, -1)
+    assert len(messages) == 2
+    from worker.sweeper import message_pid
+
+    [victim] = [m for m in messages if message_pid(m) == lost]
+    assert r.lrem(keys.QUEUE_INTERACTIVE, 1, victim) == 1  # the message is gone; the record is queued
+
+    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.wait_ready(1)
+    assert stack.result(kept)["status"] == "succeeded"
+    body = stack.result(lost, timeout=60)
+    assert body["status"] == "succeeded" and body["attempts"] == 1
+    log = (stack.workdir / "workers.log").read_text(errors="replace")
+    assert f"prediction {lost} was accepted" in log  # republished by the sweeper, once
+    assert log.count(f"prediction {lost} was accepted") == 1
+    assert requests.get(stack.base + "/readyz", timeout=5).status_code == 200
