@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
 from api.uploads import float_param, int_param, single_image
-from shared.errors import NotFound, PinferError
+from shared.errors import NotFound
 from shared.images import probe
 from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
 
@@ -75,5 +75,3 @@ def get(pid: str):
         resp.headers["Retry-After"] = "1"
     return resp
 
-
-__all__ = ["bp", "publish", "PinferError"]

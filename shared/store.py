@@ -14,8 +14,8 @@ import redis
 
 from shared import keys, lua
 from shared.errors import Conflict, NotFound, Overloaded
-from shared.schema import (BULK, CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED,
-                           RUNNING, Job, Prediction)
+from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED,
+                           Job, Prediction)
 from shared.settings import Settings
 
 
@@ -244,4 +244,4 @@ def _binary_pool(client: redis.Redis) -> redis.ConnectionPool:
     return client.connection_pool.__class__(connection_class=client.connection_pool.connection_class, **kwargs)
 
 
-__all__ = ["Store", "Submitted", "Transitioned", "connect", "BULK", "INTERACTIVE", "RUNNING"]
+__all__ = ["Store", "Submitted", "Transitioned", "connect"]
