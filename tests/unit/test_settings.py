@@ -85,3 +85,11 @@ def test_markdown_table_lists_every_variable_once():
     assert len(set(envs)) == len(envs) and all(e.startswith("PINFER_") for e in envs)
     assert "`weights/build`" in table  # not this machine's absolute path
     assert "| `PINFER_CORES` | (empty) |" in table
+
+
+def test_readme_settings_table_matches_the_code():
+    """The README's table is generated (`make settings-table`); a stale copy fails here."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert Settings.markdown_table() in readme
