@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from typing import Any, Callable, Iterable, Sequence
 import requests
 from requests.adapters import HTTPAdapter
 
-from pinfer.procs import ROOT, Proc, find_redis_server, free_port, wait_until
+from pinfer import procs
+from pinfer.procs import Proc, free_port, start_redis, wait_until
 from shared.settings import PROJECT_ROOT
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -332,46 +332,15 @@ class BulkClient:
 
 
 # --------------------------------------------------------------------------------------- processes
-# The commands of pinfer.procs (start_redis / start_api / start_workers), each started in a session
-# of its own: a Ctrl-C (SIGINT to the terminal's process group) then reaches only the benchmark,
-# which stops the stack in order (API, workers, then Redis) instead of every process at once
-# (a worker whose Redis died first hangs in its shutdown, reconnecting).
-def start_redis(workdir: Path) -> tuple[Proc, str]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    cmd = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(workdir),
-           "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}/0"
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        wait_until(client.ping, 20, "redis-server", p)
-    except BaseException:
-        p.kill()
-        p.wait(5)
-        raise
-    finally:
-        client.close()
-    return Proc("redis", p), url
-
-
+# pinfer.procs' commands, API and workers each in a session of their own (Redis always is): a
+# Ctrl-C (SIGINT to the terminal's process group) then reaches only the benchmark, which stops the
+# stack in order (API, workers, then Redis) instead of every process at once.
 def start_api(env: dict, port: int, log: Path) -> Proc:
-    cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-           "--bind", f"127.0.0.1:{port}", "api:create_app()"]
-    with open(log, "ab") as out:
-        p = subprocess.Popen(cmd, env={**env, "PINFER_PORT": str(port)}, cwd=ROOT, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    return Proc(f"api:{port}", p)
+    return procs.start_api(env, port, log, new_session=True)
 
 
 def start_workers(env: dict, log: Path) -> Proc:
-    with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, "-m", "pinfer.cli", "worker"], env=env, cwd=ROOT, stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    return Proc("workers", p)
+    return procs.start_workers(env, log, new_session=True)
 
 
 def _proc_identity(pid: int) -> tuple[int, float] | None:

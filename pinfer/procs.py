@@ -96,22 +96,34 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
     import redis
 
     client = redis.Redis.from_url(url)
-    wait_until(client.ping, 20, "redis-server", p)
-    client.close()
+    try:
+        wait_until(client.ping, 20, "redis-server", p)
+    except BaseException:
+        p.kill()
+        p.wait(5)
+        raise
+    finally:
+        client.close()
     return Proc("redis", p), url
 
 
-def start_api(env: dict, port: int, log: Path | None = None) -> Proc:
+def _spawn(name: str, cmd: list[str], env: dict, log: Path | None, new_session: bool) -> Proc:
+    """``new_session``: a terminal's Ctrl-C then reaches only the caller, which stops it in order."""
+    if log is None:
+        p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                             start_new_session=new_session)
+    else:
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=new_session)
+    return Proc(name, p)
+
+
+def start_api(env: dict, port: int, log: Path | None = None, new_session: bool = False) -> Proc:
     cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
            "--bind", f"127.0.0.1:{port}", "api:create_app()"]
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    p = subprocess.Popen(cmd, env={**env, "PINFER_PORT": str(port)}, cwd=ROOT, stdout=out,
-                         stderr=subprocess.STDOUT)
-    return Proc(f"api:{port}", p)
+    return _spawn(f"api:{port}", cmd, {**env, "PINFER_PORT": str(port)}, log, new_session)
 
 
-def start_workers(env: dict, log: Path | None = None) -> Proc:
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    p = subprocess.Popen([sys.executable, "-m", "pinfer.cli", "worker"], env=env, cwd=ROOT, stdout=out,
-                         stderr=subprocess.STDOUT)
-    return Proc("workers", p)
+def start_workers(env: dict, log: Path | None = None, new_session: bool = False) -> Proc:
+    return _spawn("workers", [sys.executable, "-m", "pinfer.cli", "worker"], env, log, new_session)
