@@ -12,16 +12,14 @@ from api.predictions import publish
 from api.uploads import int_param, read_capped
 from shared.errors import BadRequest, ImageError, InvalidParameter, MissingImage, Overloaded
 from shared.images import probe
-from shared.schema import BULK, new_id
+from shared.schema import BULK, Job, new_id
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 MAX_NAME = 1024
 
 
-def _job_json(jid: str):
-    store = pinfer().store
-    job = store.get_job(jid)
-    return job.public(store.job_rate(job))
+def _job_json(job: Job) -> dict:
+    return job.public(pinfer().store.job_rate(job))
 
 
 @bp.post("")
@@ -41,8 +39,7 @@ def create():
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
         raise InvalidParameter("`name` must be a string of at most 1024 characters")
     jid = new_id()
-    pinfer().store.create_job(jid, name, top_k)
-    resp = jsonify(_job_json(jid))
+    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k)))
     resp.status_code = 201
     resp.headers["Location"] = url_for("jobs.get", jid=jid)
     return resp
@@ -86,20 +83,17 @@ def add_images(jid: str):
 
 @bp.get("/<jid>")
 def get(jid: str):
-    return jsonify(_job_json(jid))
+    return jsonify(_job_json(pinfer().store.get_job(jid)))
 
 
 @bp.post("/<jid>/close")
 def close(jid: str):
-    store = pinfer().store
-    store.close_job(jid)
-    return jsonify(_job_json(jid))
+    return jsonify(_job_json(pinfer().store.close_job(jid)))
 
 
 @bp.delete("/<jid>")
 def cancel(jid: str):
-    pinfer().store.cancel_job(jid)
-    return jsonify(_job_json(jid))
+    return jsonify(_job_json(pinfer().store.cancel_job(jid)))
 
 
 @bp.get("/<jid>/results")
