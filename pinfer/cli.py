@@ -79,7 +79,7 @@ def _up(argv: list[str]) -> int:
     from pinfer.procs import ROOT, start_api, start_redis, start_workers
     from shared.settings import Settings
     from weights.export import main as export
-    from worker.launcher import parse_cores
+    from worker.launcher import worker_slots
 
     settings = Settings.from_env()
     if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
@@ -112,8 +112,7 @@ def _up(argv: list[str]) -> int:
         procs.append(start_workers(env))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
-        cores = parse_cores(settings.cores) if settings.cores else os.sched_getaffinity(0)
-        expected = settings.workers or len(cores)
+        _, expected = worker_slots(settings)
         ready: dict = {}
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline:

@@ -99,6 +99,10 @@ class Store:
         queue's real order (records are created before their message is published)."""
         self.r.hset(keys.prediction(pid), "enqueued_at", repr(time.time() if at is None else at))
 
+    def interactive_waiting(self) -> bool:
+        """Whether an interactive message sits in its queue, not yet fetched by any worker."""
+        return self.r.llen(keys.QUEUE_INTERACTIVE) > 0
+
     def interactive_recent(self) -> bool:
         """Whether an interactive image was submitted within PINFER_INTERACTIVE_WINDOW_S."""
         return bool(self.r.exists(keys.INTERACTIVE_RECENT))

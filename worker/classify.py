@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from shared import keys
 from shared.errors import ImageExpired, ImageError, InferenceError, PinferError, WorkerCrashed
 from shared.labels import load_labels
 from shared.schema import FAILED, INTERACTIVE, QUEUED, RUNNING, SUCCEEDED
@@ -66,7 +65,7 @@ class Classifier:
         self.runtime = runtime
         self.worker_name = worker_name
         self.labels = load_labels()
-        self.interactive_waiting = interactive_waiting or (lambda: store.r.llen(keys.QUEUE_INTERACTIVE) > 0)
+        self.interactive_waiting = interactive_waiting or store.interactive_waiting
         self.interactive_recent = interactive_recent or store.interactive_recent
         self.kill_marker = settings.chaos_kill_marker.encode() if settings.chaos_kill_marker else b""
 

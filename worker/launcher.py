@@ -36,6 +36,12 @@ def parse_cores(spec: str) -> list[int]:
     return sorted(set(cores))
 
 
+def worker_slots(settings: Settings) -> tuple[list[int], int]:
+    """The cores workers may use (PINFER_CORES, else this process's affinity) and how many workers."""
+    cores = parse_cores(settings.cores) if settings.cores else sorted(os.sched_getaffinity(0))
+    return cores, settings.workers or len(cores)
+
+
 def host_id(settings: Settings) -> str:
     """The physical host: containers on one host share it (their hostnames differ)."""
     if settings.host_id:
@@ -67,8 +73,7 @@ class Launcher:
 
     def plan(self) -> list[int | None]:
         s = self.settings
-        cores = parse_cores(s.cores) if s.cores else sorted(os.sched_getaffinity(0))
-        n = s.workers or len(cores)
+        cores, n = worker_slots(s)
         if s.core_lease:
             return self._lease(cores, n)
         if n > len(cores):
