@@ -93,6 +93,20 @@ end
 return {'ok', cur, attempts}
 """
 
+# KEYS: the records of the images about to be decoded and run in one forward pass.
+# ARGV: 1 the running status, 2 '1' when the pass holds one image alone.
+# Charges a run to each image still running: if the process dies now, these (and only these) were in
+# flight. A record that expired or finished meanwhile is left alone (HINCRBY would recreate it).
+MARK_IN_FLIGHT = """
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'status') == ARGV[1] then
+    redis.call('HINCRBY', KEYS[i], 'runs', 1)
+    if ARGV[2] == '1' then redis.call('HINCRBY', KEYS[i], 'alone_runs', 1) end
+  end
+end
+return #KEYS
+"""
+
 # KEYS: 1 job.  ARGV: 1 now.  Open -> closed (-> finished when nothing is left).
 CLOSE_JOB = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'queued', 'running')

@@ -38,7 +38,9 @@ class Prediction:
     lane: str = INTERACTIVE
     started_at: float | None = None
     finished_at: float | None = None
-    attempts: int = 0
+    attempts: int = 0  # deliveries claimed by a worker
+    runs: int = 0  # times the image was in flight (decode + forward pass started)
+    alone_runs: int = 0  # ... of which in a forward pass of its own
     job_id: str | None = None
     name: str | None = None
     result: dict | None = None
@@ -59,6 +61,8 @@ class Prediction:
             started_at=_f(raw, "started_at"),
             finished_at=_f(raw, "finished_at"),
             attempts=int(raw.get("attempts", 0) or 0),
+            runs=int(raw.get("runs", 0) or 0),
+            alone_runs=int(raw.get("alone_runs", 0) or 0),
             job_id=raw.get("job_id") or None,
             name=raw.get("name") or None,
             result=json.loads(raw["result"]) if raw.get("result") else None,

@@ -77,7 +77,10 @@ class Settings:
     restore_interval_s: int = _s("PINFER_RESTORE_INTERVAL_S", 5,
                                  "How often each worker looks for messages of dead workers to deliver again.")
     max_deliveries: int = _s("PINFER_MAX_DELIVERIES", 3,
-                             "Deliveries of one image whose worker died before it is failed `worker_crashed`.")
+                             "Times an image may be in flight in a worker process that died before it is failed "
+                             "`worker_crashed`. A crash is charged only to the images in the forward pass that "
+                             "died, and an image is failed only once it has also crashed alone, so a healthy "
+                             "image that shared a batch with a poison image always gets its result.")
     heartbeat_s: float = _s("PINFER_HEARTBEAT_S", 5.0, "How often a worker refreshes its heartbeat key.")
     worker_ttl_s: int = _s("PINFER_WORKER_TTL_S", 20, "A worker not seen for this long counts as gone (/readyz).")
     batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 20,

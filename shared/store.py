@@ -14,7 +14,7 @@ import redis
 
 from shared import keys, lua
 from shared.errors import Conflict, NotFound, Overloaded
-from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED,
+from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
                            Job, Prediction)
 from shared.settings import Settings
 
@@ -53,6 +53,7 @@ class Store:
         self._transition = self.r.register_script(lua.TRANSITION)
         self._close = self.r.register_script(lua.CLOSE_JOB)
         self._lease = self.r.register_script(lua.LEASE_CORE)
+        self._mark = self.r.register_script(lua.MARK_IN_FLIGHT)
 
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
@@ -119,6 +120,18 @@ class Store:
 
     def images(self, pids: Sequence[str]) -> list[bytes | None]:
         return self.raw.mget([keys.image(p) for p in pids]) if pids else []
+
+    def start_run(self, pids: Sequence[str]) -> list[bytes | None]:
+        """Mark ``pids`` in flight (one forward pass about to start) and return their bytes, in one
+        round trip. A crash is charged only to the images marked here (``runs``, and ``alone_runs``
+        when the pass holds one image), never to images that merely shared a delivery with them."""
+        if not pids:
+            return []
+        pipe = self.raw.pipeline(transaction=False)
+        self._mark(keys=[keys.prediction(p) for p in pids], args=[RUNNING, "1" if len(pids) == 1 else "0"],
+                   client=pipe)
+        pipe.mget([keys.image(p) for p in pids])
+        return pipe.execute()[1]
 
     def transition_many(self, changes: Iterable[tuple[str, str, Sequence[str], dict, bool]]) -> list[Transitioned]:
         """Apply (id, to, allowed_from, fields, bump_attempts) changes in one round trip."""

@@ -1,11 +1,18 @@
 """What a worker does with a batch of prediction IDs, independent of Celery.
 
 1. Claim each ID (queued/running -> running, attempts + 1) in one round trip. An ID already finished
-   (a duplicate delivery) or canceled is skipped; one whose attempts exceed PINFER_MAX_DELIVERIES has
-   killed its worker that many times and is failed ``worker_crashed`` instead of looping.
-2. IDs delivered again after a crash are suspects: each runs in a forward pass of its own, after the
-   fresh ones are stored, so a poison image cannot take healthy neighbours down with it again.
-3. Decode + preprocess each image; a bad one fails alone. One forward pass per chunk of at most
+   (a duplicate delivery) or canceled is skipped.
+2. Just before a group of images is decoded and run through the model, the group is marked in
+   flight (``runs`` + 1, and ``alone_runs`` + 1 when the group is one image). If the process dies, a
+   crash has been charged to exactly the images that were in flight, never to images that only
+   shared a delivery with them.
+3. IDs that were in flight when a worker died are suspects: each runs in a forward pass of its own,
+   after the fresh ones are stored (those never yet run alone first). A poison image therefore crashes
+   alone on its next run, while a healthy neighbour runs alone and succeeds, whatever their order.
+   An image that has been in flight PINFER_MAX_DELIVERIES times, at least once alone, is failed
+   ``worker_crashed`` instead of looping: only an image that crashed with no other image beside it
+   can be blamed.
+4. Decode + preprocess each image; a bad one fails alone. One forward pass per chunk of at most
    PINFER_MAX_BATCH images. Results go back in one pipelined round trip.
 Interactive items go first. While interactive traffic is recent (PINFER_INTERACTIVE_WINDOW_S), bulk
 items run PINFER_BULK_CHUNK at a time, and between chunks the worker looks at the interactive queue
@@ -50,7 +57,8 @@ class Outcome:
 @dataclass
 class _Claimed:
     item: Item
-    attempts: int
+    runs: int = 0
+    alone_runs: int = 0
     created_at: float = 0.0
     started_at: float = 0.0
     top_k: int = 5
@@ -92,8 +100,10 @@ class Classifier:
             return
         claimed = self._claim(items)
         out.done.extend(items)
-        fresh = [c for c in claimed if c.attempts <= 1]
-        suspects = [c for c in claimed if c.attempts > 1]
+        fresh = [c for c in claimed if c.runs == 0]
+        # Images that were in flight when a worker died run one at a time, those never yet run alone
+        # first: a known crasher goes last, so it cannot take another suspect's turn again.
+        suspects = sorted((c for c in claimed if c.runs > 0), key=lambda c: c.alone_runs > 0)
         for start in range(0, len(fresh), self.s.max_batch):
             self._classify(fresh[start:start + self.s.max_batch], out)
         for c in suspects:  # one at a time: a poison image only takes itself down
@@ -104,26 +114,25 @@ class Classifier:
         results = self.store.transition_many(
             (i.pid, RUNNING, (QUEUED, RUNNING), {"started_at": now, "worker": self.worker_name}, True)
             for i in items)
+        mine = [item for item, t in zip(items, results) if t.outcome == "ok"]
+        # (not "ok": finished already (a duplicate delivery), canceled, or expired)
         claimed, crashed = [], []
-        for item, t in zip(items, results):
-            if t.outcome != "ok":
-                continue  # finished already (duplicate delivery), canceled, or expired
-            if t.attempts > self.s.max_deliveries:
-                crashed.append(item)
+        for item, rec in zip(mine, self.store.get_many([i.pid for i in mine])):
+            if rec is None:
+                continue
+            c = _Claimed(item, rec.runs, rec.alone_runs, rec.created_at, now, rec.top_k)
+            if c.runs >= self.s.max_deliveries and c.alone_runs > 0:
+                crashed.append(c)
             else:
-                claimed.append(_Claimed(item, t.attempts, started_at=now))
+                claimed.append(c)
         if crashed:
-            err = WorkerCrashed(f"the worker process died each of the {self.s.max_deliveries} times it "
-                                f"was given this image")
-            self._fail([(c.pid, err) for c in crashed])
-        recs = self.store.get_many([c.item.pid for c in claimed])
-        for c, rec in zip(claimed, recs):
-            if rec is not None:
-                c.created_at, c.top_k = rec.created_at, rec.top_k
+            self._fail([(c.item.pid, WorkerCrashed(
+                f"the worker process died each of the {c.runs} times it ran this image "
+                f"({c.alone_runs} of them with no other image in the forward pass)")) for c in crashed])
         return claimed
 
     def _classify(self, group: list[_Claimed], out: Outcome) -> None:
-        datas = self.store.images([c.item.pid for c in group])
+        datas = self.store.start_run([c.item.pid for c in group])
         tensors, ok, failures = [], [], []
         for c, data in zip(group, datas):
             try:

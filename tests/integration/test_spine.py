@@ -87,19 +87,51 @@ def test_sigkill_mid_batch_loses_nothing_and_recovers_within_a_minute(make_stack
     stack.wait_ready(1, exclude_pids={victim})
 
 
-def test_poison_image_fails_after_bounded_deliveries_and_spares_its_batch(make_stack):
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A fast-loading fixture artifact: each poison kill restarts the worker, which reloads it."""
+    from tests.fixtures.models import make_fixture_model
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    make_fixture_model("tiny", d)
+    return d
+
+
+def test_poison_images_fail_after_bounded_deliveries_and_spare_every_neighbour(make_stack, tiny_model_dir):
+    """Three poison images, first, in the middle and last of the batches they share with healthy
+    images: each kills its (real, pinned) worker process with SIGKILL whenever it is decoded. The
+    poison images end ``worker_crashed``; every healthy neighbour succeeds, whatever the order the
+    broker delivers them in again. The old rule (every image of a redelivered batch charged for each
+    crash) failed neighbours here every time."""
+    from pinfer.procs import start_workers
+
+    batch, marker = 8, b"PINFER-POISON-PILL"
     # A short visibility timeout only to keep the test quick: the bound itself is what is tested.
-    stack = make_stack(workers=1, PINFER_CHAOS_KILL_MARKER="PINFER-POISON-PILL",
+    stack = make_stack(workers=0, PINFER_CHAOS_KILL_MARKER=marker.decode(), PINFER_MODEL_DIR=tiny_model_dir,
                        PINFER_VISIBILITY_TIMEOUT_S=5, PINFER_RESTORE_INTERVAL_S=1, PINFER_MAX_DELIVERIES=2,
-                       PINFER_BATCH_TIME_LIMIT_S=4)
-    poison = stack.submit(jpeg(extra=b"PINFER-POISON-PILL"))["id"]
-    healthy = [stack.submit(jpeg((10 * i, 100, 50)))["id"] for i in range(6)]
-    bad = stack.result(poison, timeout=180)
-    assert bad["status"] == "failed"
-    assert bad["error"]["code"] == "worker_crashed"
-    assert bad["attempts"] == 3  # two deliveries killed the worker, the third failed it
-    for pid in healthy:
-        assert stack.result(pid)["status"] == "succeeded"
+                       PINFER_BATCH_TIME_LIMIT_S=4, PINFER_MAX_BATCH=batch, PINFER_MAX_WAIT_MS=200)
+    poison_at = {0, batch + 3, 3 * batch - 1}  # first of batch 1, middle of batch 2, last of batch 3
+    ids = []
+    for i in range(3 * batch):  # all queued before a worker starts, so batches are 0-7, 8-15, 16-23
+        ids.append(stack.submit(jpeg((10 * i % 256, 100, 50), extra=marker if i in poison_at else b""))["id"])
+    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+
+    results = [stack.result(pid, timeout=240) for pid in ids]
+
+    for i, (pid, r) in enumerate(zip(ids, results)):
+        rec = stack.store.get(pid)
+        if i in poison_at:
+            assert r["status"] == "failed" and r["error"]["code"] == "worker_crashed", (i, r)
+            # In flight twice (once in its shared batch, once alone), failed on the third delivery.
+            assert (rec.runs, rec.attempts) == (2, 3), (i, rec)
+        else:
+            assert r["status"] == "succeeded", (i, r.get("error"), rec)
+            assert rec.runs <= 2 and rec.alone_runs <= 1, (i, rec)
+    # The neighbours of the first poison image really were in the forward pass its worker died in.
+    assert all(stack.store.get(ids[i]).runs == 2 for i in range(1, batch)), \
+        [stack.store.get(ids[i]) for i in range(1, batch)]
+    log = (stack.workdir / "workers.log").read_text(errors="replace")
+    assert log.count("chaos marker found") >= 6  # each poison image killed a real process twice
 
 
 def test_readiness_reports_workers_and_unpretrained_model(make_stack):
