@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, jsonify
+from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from shared.errors import Overloaded, PinferError, ServiceUnavailable
@@ -18,6 +18,9 @@ def error_response(err: PinferError, extra: dict | None = None):
     resp.status_code = err.status
     if isinstance(err, Overloaded):
         resp.headers["Retry-After"] = str(err.retry_after_s)
+    elif isinstance(err, ServiceUnavailable):
+        # Redis restarting or failing over: seconds, not minutes. Clients and nginx back off this long.
+        resp.headers["Retry-After"] = str(current_app.config["SETTINGS"].retry_after_s)
     return resp
 
 

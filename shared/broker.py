@@ -11,13 +11,14 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared import keys
+from shared import connections, keys
 from shared.schema import BULK
 from shared.settings import Settings
 
 
 def make_celery(settings: Settings, name: str = "pinfer") -> Celery:
-    app = Celery(name, broker=settings.redis_url, set_as_current=False)
+    broker, sentinel_options = connections.celery_broker(settings.redis_url)
+    app = Celery(name, broker=broker, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],          # never pickle: whoever writes Redis would run code
@@ -45,6 +46,7 @@ def make_celery(settings: Settings, name: str = "pinfer") -> Celery:
             "queue_order_strategy": "priority",   # interactive queue is always read first
             "socket_keepalive": True,
             "health_check_interval": 25,
+            **sentinel_options,               # master_name etc. when PINFER_REDIS_URL is sentinel://
         },
     )
     return app

@@ -24,7 +24,9 @@ def _s(env: str, default: Any, doc: str, choices: tuple = ()) -> Any:
 class Settings:
     # --- connections -------------------------------------------------------------------------
     redis_url: str = _s("PINFER_REDIS_URL", "redis://127.0.0.1:6379/0",
-                        "Redis used as broker, image store and result store. `make up` starts a private one when unset.")
+                        "Redis used as broker, image store and result store. `make up` starts a private one when unset. "
+                        "`sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...][/DB]?master=NAME` follows the primary that "
+                        "Redis Sentinel names (README, Redis failover).")
     port: int = _s("PINFER_PORT", 8000, "Port the API (or nginx in compose) listens on.")
     # --- upload limits -----------------------------------------------------------------------
     max_upload_bytes: int = _s("PINFER_MAX_UPLOAD_BYTES", 20 * MiB, "Largest accepted upload (413 `image_too_large`).")
@@ -127,6 +129,9 @@ class Settings:
                      "interactive_window_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
+        from shared.connections import validate_url
+
+        validate_url(self.redis_url)
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import redis
 
-from shared import keys, lua
+from shared import connections, keys, lua
 from shared.errors import Conflict, NotFound, Overloaded
 from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
                            Job, Prediction)
@@ -36,8 +36,8 @@ class Transitioned:
 
 
 def connect(url: str, decode: bool = True) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=decode, health_check_interval=30,
-                                socket_keepalive=True, retry_on_timeout=True)
+    """A client for ``url``: plain Redis or the primary behind Redis Sentinel (``shared.connections``)."""
+    return connections.connect(url, decode)
 
 
 class Store:
