@@ -10,7 +10,8 @@ from api.errors import error_response
 from api.extensions import pinfer
 from api.predictions import publish
 from api.uploads import int_param, read_capped
-from shared.errors import BadRequest, ImageError, InvalidParameter, MissingImage, Overloaded
+from shared import webhooks
+from shared.errors import BadRequest, ImageError, InvalidParameter, InvalidWebhook, MissingImage, Overloaded
 from shared.images import probe
 from shared.schema import BULK, Job, new_id
 
@@ -38,8 +39,12 @@ def create():
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
         raise InvalidParameter("`name` must be a string of at most 1024 characters")
+    hook = body.get("webhook")
+    if hook is not None and not isinstance(hook, str):
+        raise InvalidWebhook("`webhook` must be a URL string")
+    hook = webhooks.register(hook, s)
     jid = new_id()
-    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k)))
+    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k, webhook=hook)))
     resp.status_code = 201
     resp.headers["Location"] = url_for("jobs.get", jid=jid)
     return resp

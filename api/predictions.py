@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
 from api.uploads import float_param, int_param, single_image
+from shared import webhooks
 from shared.errors import NotFound
 from shared.images import probe
 from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
@@ -39,8 +40,12 @@ def submit():
     data = single_image(request, s)  # before any form access: a raw body is not a form
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
     probe(data, s)  # 415/413/422 from the header, without a full decode
+    hook = request.args.get("webhook")
+    if hook is None and request.mimetype == "multipart/form-data":
+        hook = request.form.get("webhook")
+    hook = webhooks.register(hook, s)  # 400 invalid_webhook: malformed, private, or webhooks disabled
     pid = new_id()
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE)
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, webhook=hook)
     publish(sub.id, INTERACTIVE)
     link = url_for("predictions.get", pid=pid)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,

@@ -40,6 +40,12 @@ class InvalidParameter(BadRequest):
     code = "invalid_parameter"
 
 
+class InvalidWebhook(BadRequest):
+    """Raised when a ``webhook`` URL is malformed, unresolvable, or resolves to a refused address."""
+
+    code = "invalid_webhook"
+
+
 class MissingImage(BadRequest):
     """Raised when a submission carries no image (no ``image`` field and an empty body)."""
 

@@ -87,3 +87,18 @@ SWEEP_SUSPECTS = PREFIX + "sweep-suspects"
 #: String with a TTL, set by every interactive submission: while it exists, workers run bulk work in
 #: small chunks that yield to interactive work; otherwise in full batches.
 INTERACTIVE_RECENT = PREFIX + "interactive-recent"
+
+
+#: Webhook events (``"p:<prediction id>"`` or ``"j:<job id>"``) due for delivery, pushed by the same
+#: Lua script that makes the prediction terminal or finishes the job (so no event is ever missed).
+WEBHOOK_OUTBOX = PREFIX + "webhooks:outbox"
+#: Sorted set: event -> when its next attempt is due (exponential backoff after a failed attempt).
+WEBHOOK_RETRY = PREFIX + "webhooks:retry"
+#: Sorted set: event -> lease expiry while a deliverer holds it; an expired lease (deliverer died)
+#: puts the event back in the outbox.
+WEBHOOK_INFLIGHT = PREFIX + "webhooks:inflight"
+
+
+def webhook_attempts(event: str) -> str:
+    """List: one JSON object per delivery attempt of ``event`` (readable on the prediction or job)."""
+    return f"{PREFIX}webhooks:attempts:{event}"

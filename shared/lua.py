@@ -51,7 +51,7 @@ end
 return {'ok'}
 """
 
-# KEYS: 1 pred, 2 image, 3 pending
+# KEYS: 1 pred, 2 image, 3 pending, 4 webhook outbox ('' = no webhook events)
 # ARGV: 1 id, 2 to, 3 allowed-from (comma separated), 4 now, 5 job key prefix, 6 done channel,
 #       7 result_ttl, 8 bump attempts ('1'/'0'), 9 rate bucket seconds, 10.. field pairs
 TRANSITION = """
@@ -81,6 +81,10 @@ if job and job ~= '' and cur ~= to then
     local h = redis.call('HMGET', jk, 'status', 'queued', 'running')
     if h[1] == 'closed' and tonumber(h[2] or '0') <= 0 and tonumber(h[3] or '0') <= 0 then
       redis.call('HSET', jk, 'status', 'finished', 'finished_at', ARGV[4])
+      if (KEYS[4] or '') ~= '' and redis.call('HEXISTS', jk, 'webhook') == 1 then
+        redis.call('HSET', jk, 'webhook_status', 'pending')
+        redis.call('RPUSH', KEYS[4], 'j:' .. job)
+      end
     end
   end
 end
@@ -89,6 +93,10 @@ if terminal then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('PUBLISH', ARGV[6], ARGV[1])
+  if cur ~= to and (KEYS[4] or '') ~= '' and redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending')
+    redis.call('RPUSH', KEYS[4], 'p:' .. ARGV[1])
+  end
 end
 return {'ok', cur, attempts}
 """
@@ -107,7 +115,7 @@ end
 return #KEYS
 """
 
-# KEYS: 1 job.  ARGV: 1 now.  Open -> closed (-> finished when nothing is left).
+# KEYS: 1 job, 2 webhook outbox.  ARGV: 1 now.  Open -> closed (-> finished when nothing is left).
 CLOSE_JOB = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'queued', 'running')
 if not h[1] then return 'missing' end
@@ -115,6 +123,10 @@ if h[1] ~= 'open' then return h[1] end
 redis.call('HSET', KEYS[1], 'status', 'closed', 'closed_at', ARGV[1])
 if tonumber(h[2] or '0') <= 0 and tonumber(h[3] or '0') <= 0 then
   redis.call('HSET', KEYS[1], 'status', 'finished', 'finished_at', ARGV[1])
+  if (KEYS[2] or '') ~= '' and redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
+    redis.call('HSET', KEYS[1], 'webhook_status', 'pending')
+    redis.call('RPUSH', KEYS[2], 'j:' .. string.sub(KEYS[1], string.len(ARGV[2]) + 1))
+  end
   return 'finished'
 end
 return 'closed'
@@ -136,4 +148,21 @@ for i = 4, #ARGV do
   end
 end
 return false
+"""
+
+# Webhook delivery. KEYS: 1 outbox, 2 retry (due time), 3 in flight (lease expiry).
+# ARGV: 1 now, 2 lease seconds. Moves due retries and expired leases (their deliverer died) back to
+# the outbox, then claims the oldest event with a lease. Returns the event or false.
+WEBHOOK_CLAIM = """
+for _, k in ipairs({KEYS[2], KEYS[3]}) do
+  local due = redis.call('ZRANGEBYSCORE', k, '-inf', ARGV[1], 'LIMIT', 0, 100)
+  for _, ev in ipairs(due) do
+    redis.call('ZREM', k, ev)
+    redis.call('RPUSH', KEYS[1], ev)
+  end
+end
+local ev = redis.call('LPOP', KEYS[1])
+if not ev then return false end
+redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[2]), ev)
+return ev
 """

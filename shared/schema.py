@@ -46,6 +46,7 @@ class Prediction:
     result: dict | None = None
     error: dict | None = None
     enqueued_at: float | None = None  # last time its ID was published (the sweeper republishes)
+    webhook: dict | None = None  # {"url", "status", "attempts"}: filled by Store.get when one is registered
 
     @classmethod
     def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
@@ -80,6 +81,8 @@ class Prediction:
             out.update(self.result)  # top_k, model, timings
         if self.error:
             out["error"] = self.error
+        if self.webhook:
+            out["webhook"] = self.webhook
         return out
 
     def result_line(self) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class Job:
     closed_at: float | None = None
     finished_at: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    webhook: dict | None = None  # {"url", "status", "attempts"}: filled by Store.get_job when one is registered
 
     @classmethod
     def from_redis(cls, jid: str, raw: dict[str, str]) -> "Job":
@@ -121,4 +125,5 @@ class Job:
             "rate_per_s": None if rate_per_s is None else round(rate_per_s, 2),
             "eta_s": 0.0 if remaining == 0 else eta,
             "created_at": self.created_at, "closed_at": self.closed_at, "finished_at": self.finished_at,
+            **({"webhook": self.webhook} if self.webhook else {}),
         }

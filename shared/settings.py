@@ -96,6 +96,22 @@ class Settings:
     max_waiters: int = _s("PINFER_MAX_WAITERS", 192,
                           "Long-polls held at once per API process; past it `wait` answers at once (with "
                           "`Retry-After: 1`), so long-polls never take the threads submissions need.")
+    # --- webhooks ----------------------------------------------------------------------------
+    webhook_secret: str = _s("PINFER_WEBHOOK_SECRET", "",
+                             "Standard Webhooks signing secret (`whsec_` + base64 of 24-64 random bytes). Empty: "
+                             "requests that name a `webhook` are refused (400 `invalid_webhook`).")
+    webhook_allow_private: bool = _s("PINFER_WEBHOOK_ALLOW_PRIVATE", False,
+                                     "Allow webhook URLs that resolve to loopback, link-local or private "
+                                     "addresses (checked at registration and again at connect time).")
+    webhook_max_attempts: int = _s("PINFER_WEBHOOK_MAX_ATTEMPTS", 8,
+                                   "Delivery attempts of one event before its webhook is marked `failed`.")
+    webhook_backoff_s: float = _s("PINFER_WEBHOOK_BACKOFF_S", 2.0,
+                                  "Wait before the 2nd attempt; doubles after each failure (2, 4, 8 ... s).")
+    webhook_timeout_s: float = _s("PINFER_WEBHOOK_TIMEOUT_S", 10.0,
+                                  "Connect + read timeout of one delivery attempt; any 2xx answer counts as delivered.")
+    webhook_concurrency: int = _s("PINFER_WEBHOOK_CONCURRENCY", 4,
+                                  "Delivery threads per `pinfer worker` launcher (separate from the inference "
+                                  "processes, so a slow receiver never slows classification); 0 = no delivery here.")
     # --- testing -----------------------------------------------------------------------------
     chaos_kill_marker: str = _s("PINFER_CHAOS_KILL_MARKER", "",
                                 "Testing only: a worker that decodes an image containing these bytes kills "
@@ -129,6 +145,13 @@ class Settings:
                      "interactive_window_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
+        if self.webhook_max_attempts < 1 or self.webhook_backoff_s <= 0 or self.webhook_timeout_s <= 0:
+            raise ValueError("PINFER_WEBHOOK_MAX_ATTEMPTS must be at least 1 and PINFER_WEBHOOK_BACKOFF_S, "
+                             "PINFER_WEBHOOK_TIMEOUT_S above 0")
+        if self.webhook_secret:
+            from shared.webhooks import signer
+
+            signer(self.webhook_secret)         # a malformed secret fails at start, not at the first delivery
         from shared.connections import validate_url
 
         validate_url(self.redis_url)

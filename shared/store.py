@@ -54,10 +54,11 @@ class Store:
         self._close = self.r.register_script(lua.CLOSE_JOB)
         self._lease = self.r.register_script(lua.LEASE_CORE)
         self._mark = self.r.register_script(lua.MARK_IN_FLIGHT)
+        self._webhook_claim = self.r.register_script(lua.WEBHOOK_CLAIM)
 
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
-               name: str | None = None, error: dict | None = None) -> Submitted:
+               name: str | None = None, error: dict | None = None, webhook: str | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
@@ -70,6 +71,8 @@ class Store:
             fields += ["job_id", job_id, "name", name or ""]
         if error:
             fields += ["error_code", error["code"], "error_message", error["message"], "finished_at", repr(now)]
+        if webhook:
+            fields += ["webhook", webhook]
         jkeys = ([keys.job(job_id), keys.job_pending(job_id), keys.job_items(job_id), keys.job_names(job_id),
                   keys.job_done(job_id)] if job_id else ["", "", "", "", ""])
         s = self.settings
@@ -110,7 +113,43 @@ class Store:
 
     def get(self, pid: str) -> Prediction | None:
         raw = self.r.hgetall(keys.prediction(pid))
-        return Prediction.from_redis(pid, raw) if raw else None
+        if not raw:
+            return None
+        rec = Prediction.from_redis(pid, raw)
+        if raw.get("webhook"):
+            rec.webhook = self.webhook_info(f"p:{pid}", raw)
+        return rec
+
+    # ------------------------------------------------------------------ webhooks
+    def webhook_info(self, event: str, raw: dict[str, str]) -> dict:
+        """The webhook as a client reads it on the prediction or job: URL, status, every attempt."""
+        attempts = [json.loads(a) for a in self.r.lrange(keys.webhook_attempts(event), 0, -1)]
+        return {"url": raw["webhook"], "status": raw.get("webhook_status") or "waiting", "attempts": attempts}
+
+    def claim_webhook(self, lease_s: float) -> str | None:
+        """The next event due for delivery, leased for ``lease_s`` (back in the outbox if we die)."""
+        return self._webhook_claim(keys=[keys.WEBHOOK_OUTBOX, keys.WEBHOOK_RETRY, keys.WEBHOOK_INFLIGHT],
+                                   args=[time.time(), lease_s]) or None
+
+    def webhook_record(self, event: str) -> tuple[str, dict[str, str]]:
+        """(kind, raw record) of an event: kind "prediction" or "job"; raw is empty when it expired."""
+        kind, _, ident = event.partition(":")
+        key = keys.prediction(ident) if kind == "p" else keys.job(ident)
+        return ("prediction" if kind == "p" else "job"), self.r.hgetall(key)
+
+    def webhook_attempted(self, event: str, attempt: dict, outcome: str, retry_at: float | None = None) -> None:
+        """Record one attempt and its consequence: outcome "delivered", "failed" or "retry" (at ``retry_at``)."""
+        kind, _, ident = event.partition(":")
+        key = keys.prediction(ident) if kind == "p" else keys.job(ident)
+        pipe = self.r.pipeline()
+        pipe.rpush(keys.webhook_attempts(event), json.dumps(attempt, separators=(",", ":")))
+        pipe.expire(keys.webhook_attempts(event), self.settings.result_ttl_s)
+        pipe.zrem(keys.WEBHOOK_INFLIGHT, event)
+        if outcome == "retry":
+            pipe.zadd(keys.WEBHOOK_RETRY, {event: retry_at or time.time()})
+        if self.r.exists(key):          # an expired record is not recreated
+            pipe.hset(key, "webhook_status", "pending" if outcome == "retry" else outcome)
+        pipe.execute()
 
     def get_many(self, pids: Sequence[str]) -> list[Prediction | None]:
         pipe = self.r.pipeline(transaction=False)
@@ -140,7 +179,7 @@ class Store:
         n = 0
         for pid, to, allowed, fields, bump in changes:
             flat = [x for kv in fields.items() for x in (kv[0], _str(kv[1]))]
-            self._transition(keys=[keys.prediction(pid), keys.image(pid), keys.PENDING],
+            self._transition(keys=[keys.prediction(pid), keys.image(pid), keys.PENDING, keys.WEBHOOK_OUTBOX],
                              args=[pid, to, ",".join(allowed), now, keys.job(""), keys.DONE_CHANNEL,
                                    self.settings.result_ttl_s, "1" if bump else "0", keys.RATE_BUCKET_S, *flat],
                              client=pipe)
@@ -154,9 +193,11 @@ class Store:
         return self.transition_many([(pid, to, allowed, fields or {}, bump_attempts)])[0]
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, jid: str, name: str | None, top_k: int) -> Job:
+    def create_job(self, jid: str, name: str | None, top_k: int, webhook: str | None = None) -> Job:
         now = time.time()
         mapping = {"status": JOB_OPEN, "created_at": repr(now), "top_k": top_k, "name": name or "", "total": 0}
+        if webhook:
+            mapping["webhook"] = webhook
         pipe = self.r.pipeline()
         pipe.hset(keys.job(jid), mapping=mapping)
         pipe.expire(keys.job(jid), self.settings.result_ttl_s)
@@ -167,7 +208,10 @@ class Store:
         raw = self.r.hgetall(keys.job(jid))
         if not raw:
             raise NotFound(f"job {jid} does not exist or has expired")
-        return Job.from_redis(jid, raw)
+        job = Job.from_redis(jid, raw)
+        if raw.get("webhook"):
+            job.webhook = self.webhook_info(f"j:{jid}", raw)
+        return job
 
     def job_rate(self, job: Job, window_s: float = 30.0) -> float | None:
         """Images finished per second over the last ``window_s`` (None before any finished)."""
@@ -182,7 +226,7 @@ class Store:
         return done / span
 
     def close_job(self, jid: str) -> Job:
-        if self._close(keys=[keys.job(jid)], args=[time.time()]) == "missing":
+        if self._close(keys=[keys.job(jid), keys.WEBHOOK_OUTBOX], args=[time.time(), keys.job("")]) == "missing":
             raise NotFound(f"job {jid} does not exist or has expired")
         return self.get_job(jid)
 
@@ -191,7 +235,12 @@ class Store:
         job = self.get_job(jid)
         if job.status in (JOB_CANCELED, JOB_FINISHED):
             return job  # nothing left to cancel: a finished job stays finished
-        self.r.hset(keys.job(jid), mapping={"status": JOB_CANCELED, "finished_at": repr(time.time())})
+        pipe = self.r.pipeline()
+        pipe.hset(keys.job(jid), mapping={"status": JOB_CANCELED, "finished_at": repr(time.time())})
+        if job.webhook:
+            pipe.hset(keys.job(jid), "webhook_status", "pending")
+            pipe.rpush(keys.WEBHOOK_OUTBOX, f"j:{jid}")
+        pipe.execute()
         err = {"error_code": "canceled", "error_message": "the job was canceled before this image ran",
                "finished_at": time.time()}
         start = 0

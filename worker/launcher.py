@@ -143,6 +143,9 @@ class Launcher:
         self.children = [Child(i, core) for i, core in enumerate(self.plan())]
         for c in self.children:
             self.spawn(c)
+        from worker.webhooks import start_delivery
+
+        webhooks = start_delivery(self.settings)  # threads here, never in an inference process
         while True:
             alive = 0
             for c in self.children:
@@ -172,6 +175,8 @@ class Launcher:
             for c in self.children:
                 if c.core is not None:
                     self.store.release_core(self.host, c.core)
+        if webhooks is not None:
+            webhooks.stop()
         log.info("all workers stopped")
         return 0
 
