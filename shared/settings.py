@@ -28,6 +28,11 @@ class Settings:
                         "`sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...][/DB]?master=NAME` follows the primary that "
                         "Redis Sentinel names (README, Redis failover).")
     port: int = _s("PINFER_PORT", 8000, "Port the API (or nginx in compose) listens on.")
+    redis_wait_replicas: int = _s("PINFER_REDIS_WAIT_REPLICAS", 0,
+                                  "Answer 202 only once this many Redis replicas hold the upload (Redis `WAIT`), "
+                                  "else 503 `service_unavailable`: bounds what a failover can lose. 0 = off.")
+    redis_wait_timeout_ms: int = _s("PINFER_REDIS_WAIT_TIMEOUT_MS", 500,
+                                    "How long a submission waits for PINFER_REDIS_WAIT_REPLICAS replicas.")
     # --- upload limits -----------------------------------------------------------------------
     max_upload_bytes: int = _s("PINFER_MAX_UPLOAD_BYTES", 20 * MiB, "Largest accepted upload (413 `image_too_large`).")
     max_pixels: int = _s("PINFER_MAX_PIXELS", 50_000_000,
@@ -145,6 +150,8 @@ class Settings:
                      "interactive_window_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
+            raise ValueError("PINFER_REDIS_WAIT_REPLICAS must be 0 or more and PINFER_REDIS_WAIT_TIMEOUT_MS at least 1")
         if self.webhook_max_attempts < 1 or self.webhook_backoff_s <= 0 or self.webhook_timeout_s <= 0:
             raise ValueError("PINFER_WEBHOOK_MAX_ATTEMPTS must be at least 1 and PINFER_WEBHOOK_BACKOFF_S, "
                              "PINFER_WEBHOOK_TIMEOUT_S above 0")

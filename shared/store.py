@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 import redis
 
 from shared import connections, keys, lua
-from shared.errors import Conflict, NotFound, Overloaded
+from shared.errors import Conflict, NotFound, Overloaded, ServiceUnavailable
 from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
                            Job, Prediction)
 from shared.settings import Settings
@@ -83,6 +83,7 @@ class Store:
                   s.max_pending_per_job, name or "", status, s.interactive_window_s, *fields])
         outcome = res[0]
         if outcome == "ok":
+            self._replicated("the upload")
             if error:
                 self.r.publish(keys.DONE_CHANNEL, pid)
             return Submitted("ok", pid, now)
@@ -97,6 +98,19 @@ class Store:
         if outcome == "no_job":
             raise NotFound(f"job {job_id} does not exist or has expired")
         raise Conflict(f"job {job_id} is {outcome[4:]}: it accepts no more images")
+
+    def _replicated(self, what: str) -> None:
+        """With PINFER_REDIS_WAIT_REPLICAS, make sure the write just made is on that many replicas
+        (Redis WAIT) before the caller reports it accepted: an asynchronous replica that missed it
+        would lose it at a failover. Raises ServiceUnavailable (503) when fewer acknowledge in time."""
+        n = self.settings.redis_wait_replicas
+        if n <= 0:
+            return
+        acked = self.r.wait(n, self.settings.redis_wait_timeout_ms)
+        if acked < n:
+            raise ServiceUnavailable(f"{what} is on the Redis primary but only {acked} of {n} replicas acknowledged it "
+                                     f"within {self.settings.redis_wait_timeout_ms} ms; a failover could lose it. "
+                                     "Retry later (a retried job upload is recognised by its name).")
 
     def mark_enqueued(self, pid: str, at: float | None = None) -> None:
         """Stamp the publish time after the message is sent, so the sweeper's FIFO check sees the
@@ -202,6 +216,7 @@ class Store:
         pipe.hset(keys.job(jid), mapping=mapping)
         pipe.expire(keys.job(jid), self.settings.result_ttl_s)
         pipe.execute()
+        self._replicated("the job")
         return self.get_job(jid)
 
     def get_job(self, jid: str) -> Job:

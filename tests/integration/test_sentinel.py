@@ -20,6 +20,7 @@ import redis
 import requests
 
 from pinfer.procs import Proc, find_redis_server, free_port, start_api, start_workers, wait_until
+from shared import keys
 from shared.store import Store
 from shared.settings import Settings
 from tests.integration.conftest import TERMINAL, jpeg
@@ -164,3 +165,26 @@ def test_failover_loses_nothing_accepted_and_workers_follow_the_new_primary(tmp_
         for p in reversed(procs):
             if p.popen.poll() is None:
                 p.stop(signal.SIGTERM, 30)
+
+
+def test_wait_replicas_makes_a_202_mean_the_upload_is_on_a_replica(tmp_path):
+    """PINFER_REDIS_WAIT_REPLICAS closes the window that asynchronous replication leaves open: the
+    store reports an upload accepted only once the replica has it, and refuses (503) otherwise."""
+    from shared.errors import ServiceUnavailable
+
+    p_port, r_port = free_port(), free_port()
+    primary = _redis(tmp_path / "primary", p_port)
+    replica = _redis(tmp_path / "replica", r_port, "--replicaof", "127.0.0.1", str(p_port))
+    try:
+        rep = redis.Redis(port=r_port, decode_responses=True)
+        wait_until(lambda: rep.info("replication")["master_link_status"] == "up", 30, "replica in sync")
+        store = Store(Settings.from_env({"PINFER_REDIS_URL": f"redis://127.0.0.1:{p_port}/0",
+                                         "PINFER_REDIS_WAIT_REPLICAS": "1", "PINFER_REDIS_WAIT_TIMEOUT_MS": "300"}))
+        store.submit("on-both", jpeg(), 3)
+        assert rep.hget(keys.prediction("on-both"), "status") == "queued"        # on the replica when submit returned
+        replica.stop(signal.SIGKILL)
+        with pytest.raises(ServiceUnavailable, match="only 0 of 1 replicas"):
+            store.submit("primary-only", jpeg(), 3)
+    finally:
+        for p in (replica, primary):
+            p.stop(signal.SIGTERM, 10)
