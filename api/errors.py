@@ -7,6 +7,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from api.metrics import REJECTED
 from shared.errors import Overloaded, PinferError, ServiceUnavailable
 
 log = logging.getLogger("pinfer.api")
@@ -18,6 +19,7 @@ def error_response(err: PinferError, extra: dict | None = None):
     resp.status_code = err.status
     if isinstance(err, Overloaded):
         resp.headers["Retry-After"] = str(err.retry_after_s)
+        REJECTED.labels(str(err.details.get("scope") or "global")).inc()
     return resp
 
 

@@ -7,7 +7,9 @@ import time
 from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
+from api.requestlog import current_request_id
 from api.uploads import float_param, int_param, single_image
+from shared import logs
 from shared.errors import NotFound
 from shared.images import probe
 from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
@@ -40,7 +42,9 @@ def submit():
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
     probe(data, s)  # 415/413/422 from the header, without a full decode
     pid = new_id()
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE)
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, request_id=current_request_id())
+    logs.set_context(prediction_id=pid)
+    log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     publish(sub.id, INTERACTIVE)
     link = url_for("predictions.get", pid=pid)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,

@@ -87,3 +87,6 @@ SWEEP_SUSPECTS = PREFIX + "sweep-suspects"
 #: String with a TTL, set by every interactive submission: while it exists, workers run bulk work in
 #: small chunks that yield to interactive work; otherwise in full batches.
 INTERACTIVE_RECENT = PREFIX + "interactive-recent"
+#: Sorted set: job ID -> created_at, the index of jobs for the dashboard and the jobs-by-status
+#: metric (trimmed to PINFER_RESULT_TTL_S, the life of a job record).
+JOBS = PREFIX + "jobs"
