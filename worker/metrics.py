@@ -87,8 +87,17 @@ class _StateCollector(Collector):
         yield g
 
 
+_state_collector: _StateCollector | None = None
+
+
 def watch_state(get_state: Callable[[], str]) -> None:
-    REGISTRY.register(_StateCollector(get_state))
+    """Report ``get_state()`` as pinfer_worker_state (a second call only swaps the source)."""
+    global _state_collector
+    if _state_collector is None:
+        _state_collector = _StateCollector(get_state)
+        REGISTRY.register(_state_collector)
+    else:
+        _state_collector.get_state = get_state
 
 
 def set_model(name: str, sha256: str, runtime: str, precision: str, pretrained: bool, worker: str,
