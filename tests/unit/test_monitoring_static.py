@@ -36,6 +36,13 @@ def exposed_names() -> set[str]:
     return names
 
 
+def exposed_families() -> set[str]:
+    """The names an operator reads: counters with `_total`, histograms without their suffixes."""
+    names = exposed_names()
+    return ({n for n in names if not n.endswith(("_bucket", "_sum", "_count"))}
+            | {n.removesuffix("_bucket") for n in names if n.endswith("_bucket")})
+
+
 def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bpinfer_[a-z0-9_]+", expr))
 
@@ -99,3 +106,10 @@ def test_prometheus_scrapes_the_compose_services_on_their_real_ports():
     assert prom["profiles"] == ["monitoring"] and services["grafana"]["profiles"] == ["monitoring"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+
+
+
+def test_the_metrics_table_documents_every_exposed_family():
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(pinfer_[a-z0-9_]+)` \|", doc, re.M))
+    assert documented == exposed_families()
