@@ -59,8 +59,17 @@ def json_formatter() -> logging.Formatter:
                          timestamp=False)
 
 
+class TextFormatter(logging.Formatter):
+    """Plain lines, with the bound fields appended (``request_id=… prediction_id=…``) when set."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={getattr(record, k)}" for k in FIELDS if getattr(record, k, None))
+        return f"{line} [{extra}]" if extra else line
+
+
 def formatter(fmt: str) -> logging.Formatter:
-    return json_formatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    return json_formatter() if fmt == "json" else TextFormatter(TEXT_FORMAT)
 
 
 def attach(handler: logging.Handler, fmt: str) -> None:

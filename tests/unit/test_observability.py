@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import logs
-from shared.schema import BULK, INTERACTIVE
+from shared.schema import BULK
 from tests.unit.test_classifier import World, corrupt_jpeg
 
 
@@ -172,3 +172,49 @@ def test_log_format_setting_is_validated():
         Settings.from_env({"PINFER_LOG_FORMAT": "xml"})
     with pytest.raises(ValueError, match="PINFER_METRICS_PORT"):
         Settings.from_env({"PINFER_METRICS_PORT": "70000"})
+
+
+def test_gunicorn_gives_each_server_an_empty_metrics_folder_and_removes_its_own(monkeypatch, tmp_path):
+    import os
+    import runpy
+    from pathlib import Path
+
+    conf_path = str(Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # recorded, so the hooks' value is undone afterwards
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    # a named folder (PINFER_METRICS_DIR) is emptied: counters of an earlier run must not be merged in
+    named = tmp_path / "metrics"
+    named.mkdir()
+    (named / "counter_1234.db").write_bytes(b"stale")
+    monkeypatch.setenv("PINFER_METRICS_DIR", str(named))
+    conf = runpy.run_path(conf_path)
+    conf["on_starting"](None)
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(named) and list(named.iterdir()) == []
+    conf["on_exit"](None)
+    assert named.is_dir()  # the operator's folder stays
+    # by default: a fresh private folder per server, removed when the server exits
+    monkeypatch.delenv("PINFER_METRICS_DIR")
+    conf = runpy.run_path(conf_path)
+    conf["on_starting"](None)
+    fresh = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    assert fresh.is_dir() and fresh != named and list(fresh.iterdir()) == []
+    conf["on_exit"](None)
+    assert not fresh.exists()
+
+
+def test_text_log_lines_append_the_bound_fields():
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    logs.attach(handler, "text")
+    log = logging.getLogger("pinfer.test.text")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with logs.bind(request_id="r9", prediction_id="p9"):
+            log.info("classified")
+        log.info("plain")
+    finally:
+        log.removeHandler(handler)
+    first, second = buf.getvalue().splitlines()
+    assert first.endswith("pinfer.test.text: classified [request_id=r9 prediction_id=p9]")
+    assert second.endswith("pinfer.test.text: plain")
