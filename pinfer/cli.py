@@ -113,7 +113,7 @@ def _up(argv: list[str]) -> int:
             procs.append(redis_proc)
             env["PINFER_REDIS_URL"] = url
             log.info("started a private redis-server at %s", url)
-        procs.append(start_workers(env))
+        procs.append(start_workers(env, run_dir / "workers.log"))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
         _, expected = worker_slots(settings)

@@ -218,3 +218,41 @@ def test_text_log_lines_append_the_bound_fields():
     first, second = buf.getvalue().splitlines()
     assert first.endswith("pinfer.test.text: classified [request_id=r9 prediction_id=p9]")
     assert second.endswith("pinfer.test.text: plain")
+
+
+def test_each_worker_slot_gets_its_own_metrics_port_and_json_mode_drops_the_banner(monkeypatch):
+    """Port rule: slot N of a launcher serves PINFER_METRICS_PORT + N (worker/metrics.py)."""
+    import subprocess
+
+    from shared.settings import Settings
+    from worker import launcher as launcher_mod
+
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, env, **_):
+            started.append((cmd, env))
+            self.pid = 1
+
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    la = launcher_mod.Launcher(Settings(log_format="json"))
+    for slot, core in enumerate([0, 1, 0]):
+        la.spawn(launcher_mod.Child(slot=slot, core=core))
+    assert [env["PINFER_WORKER_SLOT"] for _, env in started] == ["0", "1", "2"]
+    assert all("--quiet" in cmd for cmd, _ in started)
+    assert "--quiet" not in launcher_mod.Launcher(Settings()).command(launcher_mod.Child(slot=0, core=0))
+
+
+def test_a_taken_metrics_port_is_logged_not_fatal(caplog):
+    import socket
+
+    from worker import metrics
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with caplog.at_level(logging.WARNING):
+            assert metrics.serve(port, 0) is None
+    assert "not started" in caplog.text
+    assert metrics.serve(0, 3) is None  # 0 = off
