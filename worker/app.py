@@ -97,10 +97,9 @@ def worker_name() -> str:
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     """Load, verify and warm the model once per process; on failure report SETUP_FAILED and exit."""
+    from worker import metrics
     from worker.classify import Classifier
     from worker.runtime import ModelRuntime
-
-    from worker import metrics
 
     store = Store(settings)
     name = worker_name()
@@ -146,6 +145,7 @@ def _heartbeat_info() -> dict:
 def _start_heartbeat(store: Store, name: str) -> None:
     """Every PINFER_HEARTBEAT_S: refresh this worker's heartbeat, then sweep for lost messages."""
     from shared.broker import enqueue
+    from worker.metrics import REPUBLISHED
     from worker.sweeper import Sweeper
 
     sweeper = Sweeper(store, lambda pid, lane: enqueue(app, pid, lane), grace_s=settings.visibility_timeout_s,
@@ -163,8 +163,6 @@ def _start_heartbeat(store: Store, name: str) -> None:
                 if _state["status"] in ("READY", "BUSY"):
                     republished = sweeper.sweep()
                     if republished:
-                        from worker.metrics import REPUBLISHED
-
                         REPUBLISHED.inc(len(republished))
             except Exception as exc:  # Redis away: keep trying, the worker itself reconnects
                 log.warning("heartbeat/sweep failed: %s", exc)

@@ -188,8 +188,10 @@ class Classifier:
                             "total_ms": round((now - c.created_at) * 1000, 2)},
             }
             changes.append((c.item.pid, SUCCEEDED, (RUNNING,), {"result": result, "finished_at": now}, False))
-        self.store.transition_many(changes)
-        for c in group:
+        stored = self.store.transition_many(changes)
+        for c, t in zip(group, stored):
+            if t.outcome != "ok":  # canceled meanwhile: not this worker's result
+                continue
             m.IMAGES.labels(c.item.lane, SUCCEEDED, "none").inc()
             m.END_TO_END.labels(c.item.lane).observe(max(0.0, now - c.created_at))
             with logs.bind(request_id=c.request_id, prediction_id=c.item.pid, job_id=c.job_id):
@@ -198,11 +200,13 @@ class Classifier:
 
     def _fail(self, failures: list[tuple[_Claimed, PinferError]]) -> None:
         now = time.time()
-        self.store.transition_many(
+        stored = self.store.transition_many(
             (c.item.pid, FAILED, (QUEUED, RUNNING), {"error_code": e.code, "error_message": e.message,
                                                      "finished_at": now}, False)
             for c, e in failures)
-        for c, e in failures:
+        for (c, e), t in zip(failures, stored):
+            if t.outcome != "ok":
+                continue
             m.IMAGES.labels(c.item.lane, FAILED, e.code).inc()
             with logs.bind(request_id=c.request_id, prediction_id=c.item.pid, job_id=c.job_id):
                 log.info("failed", extra={"error_code": e.code, "duration_ms": round((now - c.created_at) * 1000, 2)})
