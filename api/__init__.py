@@ -20,9 +20,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.json.sort_keys = False
 
-    from api import errors, extensions, health, jobs, pages, predictions
+    from api import errors, extensions, health, jobs, metrics, pages, predictions, requestlog
 
     extensions.init_app(app)
+    requestlog.init_app(app)
+    metrics.init_app(app)
     errors.init_app(app)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(jobs.bp)

@@ -7,6 +7,7 @@ import redis
 from flask import Flask, current_app, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from api.metrics import REJECTED
 from shared.errors import Overloaded, PinferError, ServiceUnavailable
 
 log = logging.getLogger("pinfer.api")
@@ -18,6 +19,7 @@ def error_response(err: PinferError, extra: dict | None = None):
     resp.status_code = err.status
     if isinstance(err, Overloaded):
         resp.headers["Retry-After"] = str(err.retry_after_s)
+        REJECTED.labels(str(err.details.get("scope") or "global")).inc()
     elif isinstance(err, ServiceUnavailable):
         # Redis restarting or failing over: seconds, not minutes. Clients and nginx back off this long.
         resp.headers["Retry-After"] = str(current_app.config["SETTINGS"].retry_after_s)

@@ -13,7 +13,7 @@ def healthz():
     return jsonify({"status": "ok"})
 
 
-def _snapshot() -> dict:
+def snapshot() -> dict:
     store = pinfer().store
     store.r.ping()
     workers = store.live_workers()
@@ -41,7 +41,7 @@ def _snapshot() -> dict:
 @bp.get("/readyz")
 def readyz():
     try:
-        body = _snapshot()
+        body = snapshot()
     except Exception as exc:  # Redis down: not ready, say why
         return jsonify({"status": "not_ready", "redis": False, "reason": f"redis: {exc}"}), 503
     return jsonify(body), (200 if body["status"] == "ready" else 503)
@@ -50,4 +50,4 @@ def readyz():
 @bp.get("/v1/stats")
 def stats():
     """Queue depths and workers, for operators (same data as /readyz, always 200)."""
-    return jsonify(_snapshot())
+    return jsonify(snapshot())

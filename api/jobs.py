@@ -3,20 +3,23 @@ on the bulk lane, and a job adds counts, names, a results cursor, backpressure a
 from __future__ import annotations
 
 import json
+import logging
 
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.errors import error_response
 from api.extensions import pinfer
 from api.predictions import publish
+from api.requestlog import current_request_id
 from api.uploads import int_param, read_capped
-from shared import webhooks
+from shared import logs, webhooks
 from shared.errors import BadRequest, ImageError, InvalidParameter, InvalidWebhook, MissingImage, Overloaded
 from shared.images import probe
 from shared.schema import BULK, Job, new_id
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 MAX_NAME = 1024
+log = logging.getLogger("pinfer.api.jobs")
 
 
 def _job_json(job: Job) -> dict:
@@ -63,6 +66,7 @@ def add_images(jid: str):
     if any(not n or len(n) > MAX_NAME for n in names) or len(set(names)) != len(names):
         raise BadRequest("every file needs a filename (the client's name for it, at most 1024 "
                          "characters), unique within the request")
+    logs.set_context(job_id=jid)
     accepted, duplicates, rejected = [], [], []
     for f, name in zip(files, names):
         error = None
@@ -72,7 +76,8 @@ def add_images(jid: str):
         except ImageError as exc:
             data, error = b"", exc.to_dict()
         try:
-            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error)
+            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error,
+                                 request_id=current_request_id())
         except Overloaded as exc:
             return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
         entry = {"name": name, "id": sub.id}
@@ -83,6 +88,8 @@ def add_images(jid: str):
         else:
             publish(sub.id, BULK)
             accepted.append(entry)
+    log.info("images added", extra={"accepted": len(accepted), "duplicates": len(duplicates),
+                                    "rejected": len(rejected)})
     return jsonify({"accepted": accepted, "duplicates": duplicates, "rejected": rejected}), 202
 
 

@@ -7,8 +7,9 @@ import time
 from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
+from api.requestlog import current_request_id
 from api.uploads import float_param, int_param, single_image
-from shared import webhooks
+from shared import logs, webhooks
 from shared.errors import NotFound
 from shared.images import probe
 from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
@@ -45,7 +46,9 @@ def submit():
         hook = request.form.get("webhook")
     hook = webhooks.register(hook, s)  # 400 invalid_webhook: malformed, private, or webhooks disabled
     pid = new_id()
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE, webhook=hook)
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, webhook=hook, request_id=current_request_id())
+    logs.set_context(prediction_id=pid)
+    log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     publish(sub.id, INTERACTIVE)
     link = url_for("predictions.get", pid=pid)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import redis
 
+from api.metrics import LONGPOLLS
 from shared import keys
 
 log = logging.getLogger("pinfer.api.waiters")
@@ -41,10 +42,13 @@ class Waiters:
             else:
                 self._count += 1
                 self._events.setdefault(pid, set()).add(ev)
+        if ev is not None:
+            LONGPOLLS.inc()
         try:
             yield ev
         finally:
             if ev is not None:
+                LONGPOLLS.dec()
                 with self._lock:
                     self._count -= 1
                     bucket = self._events.get(pid)

@@ -87,12 +87,68 @@ limit_request_field_size = 8190
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
 # --- logs ---------------------------------------------------------------------------------------
-accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
-# X-Request-ID is set by nginx (deploy/nginx.conf): the same id appears in both access logs.
-access_log_format = ('%({x-forwarded-for}i)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms '
-                     'rid=%({x-request-id}i)s ua="%(a)s"')
+if _settings.log_format == "json":
+    # One JSON object per line (shared/logs.py). The app logs each request itself (event "request",
+    # with request_id, status and duration_ms), so gunicorn's access log would only repeat it.
+    accesslog = None
+    logconfig_dict = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "shared.logs.json_formatter"}},
+        "filters": {"context": {"()": "shared.logs.ContextFilter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "filters": ["context"],
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
+        "loggers": {"gunicorn.error": {"level": loglevel.upper(), "handlers": ["stderr"], "propagate": False}},
+    }
+else:
+    accesslog = "-"
+    # X-Request-ID is set by nginx (deploy/nginx.conf): the same id appears in both access logs.
+    access_log_format = ('%({x-forwarded-for}i)s %(h)s "%(r)s" %(s)s %(B)s %(M)sms '
+                         'rid=%({x-request-id}i)s ua="%(a)s"')
+
+    def post_worker_init(worker) -> None:
+        """The app's own loggers (pinfer.*) in plain lines beside gunicorn's."""
+        from shared import logs
+
+        logs.setup("text", loglevel.upper())
+
+
+# --- Prometheus (api/metrics.py) ----------------------------------------------------------------
+# Every process of this server writes its counters to files in one folder, and /metrics merges them
+# (prometheus_client multiprocess mode). One folder per server, emptied when it starts: counters of
+# an earlier run or of another server must not be merged in. PROMETHEUS_MULTIPROC_DIR is set here,
+# in the arbiter, before any worker is forked (prometheus_client picks its value store at import).
+_metrics_tmp: list[str] = []
+
+
+def on_starting(server) -> None:
+    import shutil
+    import tempfile
+
+    path = _settings.metrics_dir
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    else:
+        path = tempfile.mkdtemp(prefix="pinfer-metrics-")
+        _metrics_tmp.append(path)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def child_exit(server, worker) -> None:
+    """A dead process's live gauges (long-polls held) must leave the sum; its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    import shutil
+
+    for path in _metrics_tmp:
+        shutil.rmtree(path, ignore_errors=True)
 
 # gunicorn >= 25.1 opens a control socket ($HOME/.gunicorn/gunicorn.ctl) by default; several API
 # servers of one user (tests, replicas sharing a home) would fight over that path. Off unless

@@ -72,16 +72,20 @@ def _up(argv: list[str]) -> int:
     The first signal starts an orderly stop: API first, then the workers (each finishes its batch;
     Redis is still up to take their results), then Redis. A second signal kills what is left.
     """
+    import logging
     import threading
 
     import requests
 
     from pinfer.procs import ROOT, start_api, start_redis, start_workers
+    from shared import logs
     from shared.settings import Settings
     from weights.export import main as export
     from worker.launcher import worker_slots
 
     settings = Settings.from_env()
+    logs.setup(settings.log_format)
+    log = logging.getLogger("pinfer.up")
     if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
         return 1
     run_dir = Path(os.environ.get("PINFER_RUN_DIR", ROOT / "run"))
@@ -94,8 +98,8 @@ def _up(argv: list[str]) -> int:
     def on_signal(signum, _frame):
         signals_seen[0] += 1
         if signals_seen[0] == 1:
-            print("\nstopping: API, then workers (they finish their batches), then Redis; "
-                  "signal again to kill", flush=True)
+            log.warning("stopping: API, then workers (they finish their batches), then Redis; "
+                        "signal again to kill")
             stop.set()
         else:
             for p in procs:
@@ -108,8 +112,8 @@ def _up(argv: list[str]) -> int:
             redis_proc, url = start_redis(Path(tempfile.mkdtemp(prefix="pinfer-redis-")))
             procs.append(redis_proc)
             env["PINFER_REDIS_URL"] = url
-            print(f"started a private redis-server at {url}", flush=True)
-        procs.append(start_workers(env))
+            log.info("started a private redis-server at %s", url)
+        procs.append(start_workers(env, run_dir / "workers.log"))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
         _, expected = worker_slots(settings)
@@ -128,18 +132,19 @@ def _up(argv: list[str]) -> int:
         if ready.get("status") == "ready" and not stop.is_set():
             warn = "" if ready.get("pretrained") else "  WARNING: model NOT pretrained (random weights)"
             n = ready["ready_workers"]
-            print(f"pinfer ready on {base} ({n} worker{'s' if n != 1 else ''}){warn}  Ctrl-C to stop", flush=True)
+            log.info("pinfer ready on %s (%d worker%s)%s  dashboard: %s/dashboard  Ctrl-C to stop", base, n,
+                     "s" if n != 1 else "", warn, base)
         while not stop.is_set() and all(p.popen.poll() is None for p in procs):
             stop.wait(0.5)
         if stop.is_set():
             return 0
         dead = [p.name for p in procs if p.popen.poll() is not None]
-        print(f"pinfer: {', '.join(dead)} exited; stopping", file=sys.stderr)
+        log.error("%s exited; stopping", ", ".join(dead))
         return 1
     finally:
         for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
             p.stop(signal.SIGTERM, 60)
-        print("stopped", flush=True)
+        log.info("stopped")
 
 
 if __name__ == "__main__":

@@ -102,3 +102,6 @@ WEBHOOK_INFLIGHT = PREFIX + "webhooks:inflight"
 def webhook_attempts(event: str) -> str:
     """List: one JSON object per delivery attempt of ``event`` (readable on the prediction or job)."""
     return f"{PREFIX}webhooks:attempts:{event}"
+#: Sorted set: job ID -> created_at, the index of jobs for the dashboard and the jobs-by-status
+#: metric (trimmed to PINFER_RESULT_TTL_S, the life of a job record).
+JOBS = PREFIX + "jobs"

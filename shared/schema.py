@@ -47,6 +47,7 @@ class Prediction:
     error: dict | None = None
     enqueued_at: float | None = None  # last time its ID was published (the sweeper republishes)
     webhook: dict | None = None  # {"url", "status", "attempts"}: filled by Store.get when one is registered
+    request_id: str | None = None  # X-Request-ID of the upload, for the worker's log lines
 
     @classmethod
     def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
@@ -69,6 +70,7 @@ class Prediction:
             result=json.loads(raw["result"]) if raw.get("result") else None,
             error=err,
             enqueued_at=_f(raw, "enqueued_at") or float(raw["created_at"]),
+            request_id=raw.get("request_id") or None,
         )
 
     def public(self) -> dict[str, Any]:

@@ -117,6 +117,17 @@ class Settings:
     webhook_concurrency: int = _s("PINFER_WEBHOOK_CONCURRENCY", 4,
                                   "Delivery threads per `pinfer worker` launcher (separate from the inference "
                                   "processes, so a slow receiver never slows classification); 0 = no delivery here.")
+    # --- observability -----------------------------------------------------------------------
+    metrics_port: int = _s("PINFER_METRICS_PORT", 9464,
+                           "Base port of the workers' Prometheus endpoints: worker slot N of a launcher serves "
+                           "`/metrics` on this + N (one worker per container in compose: this port). 0 = off.")
+    metrics_dir: str = _s("PINFER_METRICS_DIR", "",
+                          "Folder for prometheus_client's multiprocess files of one API server (emptied at "
+                          "start); empty = a fresh temporary folder per server.")
+    log_format: str = _s("PINFER_LOG_FORMAT", "text",
+                         "`json`: one JSON object per line (request_id, prediction_id, job_id, worker, event, "
+                         "duration_ms) from the API, workers, launcher and `pinfer up`; `text`: plain lines.",
+                         ("text", "json"))
     # --- testing -----------------------------------------------------------------------------
     chaos_kill_marker: str = _s("PINFER_CHAOS_KILL_MARKER", "",
                                 "Testing only: a worker that decodes an image containing these bytes kills "
@@ -162,6 +173,8 @@ class Settings:
         from shared.connections import validate_url
 
         validate_url(self.redis_url)
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("PINFER_METRICS_PORT must be a port number (0 turns the worker endpoints off)")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:

@@ -58,7 +58,8 @@ class Store:
 
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
-               name: str | None = None, error: dict | None = None, webhook: str | None = None) -> Submitted:
+               name: str | None = None, error: dict | None = None, webhook: str | None = None,
+               request_id: str | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
@@ -69,6 +70,8 @@ class Store:
         fields = ["created_at", repr(now), "top_k", str(top_k), "lane", lane, "attempts", "0", "size", str(len(data))]
         if job_id:
             fields += ["job_id", job_id, "name", name or ""]
+        if request_id:  # follows the image into the worker's log lines
+            fields += ["request_id", request_id]
         if error:
             fields += ["error_code", error["code"], "error_message", error["message"], "finished_at", repr(now)]
         if webhook:
@@ -215,6 +218,8 @@ class Store:
         pipe = self.r.pipeline()
         pipe.hset(keys.job(jid), mapping=mapping)
         pipe.expire(keys.job(jid), self.settings.result_ttl_s)
+        pipe.zadd(keys.JOBS, {jid: now})
+        pipe.zremrangebyscore(keys.JOBS, "-inf", now - self.settings.result_ttl_s)
         pipe.execute()
         self._replicated("the job")
         return self.get_job(jid)
@@ -239,6 +244,26 @@ class Store:
         done = sum(int(v) for b, v in buckets.items() if int(b) >= first)
         span = max(now - max(start, first * keys.RATE_BUCKET_S), 1.0)
         return done / span
+
+    def recent_jobs(self, limit: int = 10) -> list[Job]:
+        """The newest ``limit`` jobs still on record (the dashboard's list)."""
+        ids = self.r.zrevrange(keys.JOBS, 0, limit - 1)
+        pipe = self.r.pipeline(transaction=False)
+        for jid in ids:
+            pipe.hgetall(keys.job(jid))
+        return [Job.from_redis(jid, raw) for jid, raw in zip(ids, pipe.execute()) if raw]
+
+    def job_status_counts(self, limit: int = 10_000) -> dict[str, int]:
+        """Jobs on record by status (at most the newest ``limit``: a scrape stays one cheap round trip)."""
+        ids = self.r.zrevrange(keys.JOBS, 0, limit - 1)
+        pipe = self.r.pipeline(transaction=False)
+        for jid in ids:
+            pipe.hget(keys.job(jid), "status")
+        counts: dict[str, int] = {}
+        for status in pipe.execute():
+            if status:
+                counts[status] = counts.get(status, 0) + 1
+        return counts
 
     def close_job(self, jid: str) -> Job:
         if self._close(keys=[keys.job(jid), keys.WEBHOOK_OUTBOX], args=[time.time(), keys.job("")]) == "missing":
@@ -308,6 +333,10 @@ class Store:
         pipe.zcard(keys.PENDING)
         inter, bulk, pending = pipe.execute()
         return {"interactive": inter, "bulk": bulk, "pending_images": pending}
+
+    def unacked_messages(self) -> int:
+        """Messages fetched by workers and not yet acknowledged (kombu's unacked hash)."""
+        return self.r.hlen(keys.KOMBU_UNACKED)
 
 
 def _str(v: object) -> str:

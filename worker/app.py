@@ -19,7 +19,7 @@ from typing import Any
 from celery import signals
 from celery_batches import Batches
 
-from shared import keys
+from shared import keys, logs
 from shared.broker import make_celery
 from shared.schema import BULK, INTERACTIVE
 from shared.settings import Settings
@@ -97,18 +97,24 @@ def worker_name() -> str:
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     """Load, verify and warm the model once per process; on failure report SETUP_FAILED and exit."""
+    from worker import metrics
     from worker.classify import Classifier
     from worker.runtime import ModelRuntime
 
     store = Store(settings)
     name = worker_name()
+    logs.set_context(worker=name)
     _state.update(name=name, store=store)
+    metrics.watch_state(lambda: _state["status"])
+    metrics.serve(settings.metrics_port, int(os.environ.get("PINFER_WORKER_SLOT") or 0))
     _start_heartbeat(store, name)
     try:
         t0 = time.perf_counter()
         runtime = ModelRuntime(settings)
         _state["runtime"] = runtime
         _state["classifier"] = Classifier(settings, store, runtime, name)
+        metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
+                          runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
         _state["status"] = "READY"
         log.info("model %s (%s, pretrained=%s, %s, %d threads) ready in %.1fs", runtime.info.name,
                  runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.threads,
@@ -139,6 +145,7 @@ def _heartbeat_info() -> dict:
 def _start_heartbeat(store: Store, name: str) -> None:
     """Every PINFER_HEARTBEAT_S: refresh this worker's heartbeat, then sweep for lost messages."""
     from shared.broker import enqueue
+    from worker.metrics import REPUBLISHED
     from worker.sweeper import Sweeper
 
     sweeper = Sweeper(store, lambda pid, lane: enqueue(app, pid, lane), grace_s=settings.visibility_timeout_s,
@@ -154,12 +161,22 @@ def _start_heartbeat(store: Store, name: str) -> None:
             try:
                 store.heartbeat(name, _heartbeat_info())
                 if _state["status"] in ("READY", "BUSY"):
-                    sweeper.sweep()
+                    republished = sweeper.sweep()
+                    if republished:
+                        REPUBLISHED.inc(len(republished))
             except Exception as exc:  # Redis away: keep trying, the worker itself reconnects
                 log.warning("heartbeat/sweep failed: %s", exc)
             time.sleep(min(settings.heartbeat_s, settings.batch_time_limit_s / 4))
 
     threading.Thread(target=beat, name="pinfer-heartbeat", daemon=True).start()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """Celery made its handlers: give them PINFER_LOG_FORMAT and the image fields (shared.logs)."""
+    for handler in logger.handlers:
+        logs.attach(handler, settings.log_format)
 
 
 @signals.worker_shutdown.connect

@@ -30,12 +30,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from shared import logs
 from shared.errors import ImageExpired, ImageError, InferenceError, PinferError, WorkerCrashed
 from shared.labels import load_labels
 from shared.schema import FAILED, INTERACTIVE, QUEUED, RUNNING, SUCCEEDED
 from shared.settings import Settings
 from shared.store import Store
 from shared.transforms import preprocess
+from worker import metrics as m
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class _Claimed:
     created_at: float = 0.0
     started_at: float = 0.0
     top_k: int = 5
+    request_id: str | None = None
+    job_id: str | None = None
 
 
 class Classifier:
@@ -90,6 +94,7 @@ class Classifier:
             # ahead of the interactive message it handed back for.
             if may_defer and self.interactive_waiting():
                 out.deferred.extend(bulk[start:])
+                m.DEFERRED.inc(len(bulk) - start)
                 break
             self._process(bulk[start:start + step], out)
         return out
@@ -115,18 +120,20 @@ class Classifier:
             (i.pid, RUNNING, (QUEUED, RUNNING), {"started_at": now, "worker": self.worker_name}, True)
             for i in items)
         mine = [item for item, t in zip(items, results) if t.outcome == "ok"]
+        m.REDELIVERIES.inc(sum(1 for t in results if t.outcome == "ok" and t.attempts > 1))
         # (not "ok": finished already (a duplicate delivery), canceled, or expired)
         claimed, crashed = [], []
         for item, rec in zip(mine, self.store.get_many([i.pid for i in mine])):
             if rec is None:
                 continue
-            c = _Claimed(item, rec.runs, rec.alone_runs, rec.created_at, now, rec.top_k)
+            c = _Claimed(item, rec.runs, rec.alone_runs, rec.created_at, now, rec.top_k, rec.request_id, rec.job_id)
+            m.QUEUE_WAIT.labels(item.lane).observe(max(0.0, now - rec.created_at))
             if c.runs >= self.s.max_deliveries and c.alone_runs > 0:
                 crashed.append(c)
             else:
                 claimed.append(c)
         if crashed:
-            self._fail([(c.item.pid, WorkerCrashed(
+            self._fail([(c, WorkerCrashed(
                 f"the worker process died each of the {c.runs} times it ran this image "
                 f"({c.alone_runs} of them with no other image in the forward pass)")) for c in crashed])
         return claimed
@@ -142,22 +149,28 @@ class Classifier:
                 if self.kill_marker and self.kill_marker in data:
                     log.error("chaos marker found in %s: killing this worker process", c.item.pid)
                     os.kill(os.getpid(), signal.SIGKILL)
+                t_pre = time.perf_counter()
                 tensors.append(preprocess(data, self.s))
+                m.PREPROCESS.observe(time.perf_counter() - t_pre)
                 ok.append(c)
             except ImageError as exc:
-                failures.append((c.item.pid, exc))
+                failures.append((c, exc))
         if ok:
             t0 = time.perf_counter()
             try:
                 probs = self.runtime.forward(np.stack(tensors))
             except InferenceError as exc:
-                failures.extend((c.item.pid, exc) for c in ok)
+                failures.extend((c, exc) for c in ok)
                 ok = []
-            infer_ms = (time.perf_counter() - t0) * 1000
+            infer_s = time.perf_counter() - t0
+            infer_ms = infer_s * 1000
         if failures:
             self._fail(failures)
         if ok:
             out.batch_sizes.append(len(ok))
+            m.BATCH_SIZE.observe(len(ok))
+            for _ in ok:
+                m.INFERENCE.observe(infer_s)
             self._store_results(ok, probs, infer_ms)
 
     def _store_results(self, group: list[_Claimed], probs: np.ndarray, infer_ms: float) -> None:
@@ -175,11 +188,25 @@ class Classifier:
                             "total_ms": round((now - c.created_at) * 1000, 2)},
             }
             changes.append((c.item.pid, SUCCEEDED, (RUNNING,), {"result": result, "finished_at": now}, False))
-        self.store.transition_many(changes)
+        stored = self.store.transition_many(changes)
+        for c, t in zip(group, stored):
+            if t.outcome != "ok":  # canceled meanwhile: not this worker's result
+                continue
+            m.IMAGES.labels(c.item.lane, SUCCEEDED, "none").inc()
+            m.END_TO_END.labels(c.item.lane).observe(max(0.0, now - c.created_at))
+            with logs.bind(request_id=c.request_id, prediction_id=c.item.pid, job_id=c.job_id):
+                log.info("classified", extra={"duration_ms": round((now - c.created_at) * 1000, 2),
+                                              "batch_size": len(group), "inference_ms": round(infer_ms, 2)})
 
-    def _fail(self, failures: list[tuple[str, PinferError]]) -> None:
+    def _fail(self, failures: list[tuple[_Claimed, PinferError]]) -> None:
         now = time.time()
-        self.store.transition_many(
-            (pid, FAILED, (QUEUED, RUNNING), {"error_code": e.code, "error_message": e.message,
-                                              "finished_at": now}, False)
-            for pid, e in failures)
+        stored = self.store.transition_many(
+            (c.item.pid, FAILED, (QUEUED, RUNNING), {"error_code": e.code, "error_message": e.message,
+                                                     "finished_at": now}, False)
+            for c, e in failures)
+        for (c, e), t in zip(failures, stored):
+            if t.outcome != "ok":
+                continue
+            m.IMAGES.labels(c.item.lane, FAILED, e.code).inc()
+            with logs.bind(request_id=c.request_id, prediction_id=c.item.pid, job_id=c.job_id):
+                log.info("failed", extra={"error_code": e.code, "duration_ms": round((now - c.created_at) * 1000, 2)})

@@ -113,7 +113,9 @@ class Launcher:
 
     def command(self, child: Child) -> list[str]:
         name = f"pinfer{'' if child.core is None else child.core}-{child.slot}@%h"
-        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "solo",
+        # JSON logs: no start-up banner (plain text on stdout) among the JSON lines.
+        quiet = ["--quiet"] if self.settings.log_format == "json" else []
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.app", *quiet, "worker", "--pool", "solo",
                "--concurrency", "1", "-Q", f"{keys.QUEUE_INTERACTIVE},{keys.QUEUE_BULK}", "-n", name,
                "--without-gossip", "--without-mingle", "-l", self.loglevel]
         if child.core is not None and shutil.which("taskset"):
@@ -122,6 +124,7 @@ class Launcher:
 
     def spawn(self, child: Child) -> None:
         env = dict(os.environ, PINFER_WORKER_CORE="" if child.core is None else str(child.core),
+                   PINFER_WORKER_SLOT=str(child.slot),
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         child.proc = subprocess.Popen(self.command(child), env=env, preexec_fn=_die_with_parent)
         child.started = time.monotonic()
@@ -214,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     if args.check:
         return check(settings)
-    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shared import logs
+
+    logs.setup(settings.log_format, args.loglevel)
     return Launcher(settings, args.loglevel).run()
 
 
