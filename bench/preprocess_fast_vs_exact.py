@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not photos:
         raise SystemExit(f"no photos in {folder}")
     formats = _formats(folder)
-    exact_s, fast_s = Settings(), Settings().replace(resize="fast")
+    exact_s, fast_s = Settings(resize="exact"), Settings(resize="fast")
     run = {"exact": lambda d: preprocess(d, exact_s), "fast_old": lambda d: _fast_old(d, fast_s),
            "fast": lambda d: preprocess(d, fast_s)}
     for fn in run.values():  # warm-up: plugin imports and caches are not per-image work

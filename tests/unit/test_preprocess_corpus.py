@@ -24,8 +24,8 @@ from shared.transforms import REDUCING_GAP, RESIZE, STD, preprocess
 
 pytestmark = pytest.mark.corpus
 
-EXACT = Settings()
-FAST = Settings().replace(resize="fast")
+EXACT = Settings(resize="exact")
+FAST = Settings(resize="fast")
 REF_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 REF_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 

@@ -23,8 +23,8 @@ from shared.transforms import (
     resize_shorter,
 )
 
-EXACT = Settings()
-FAST = Settings().replace(resize="fast")
+EXACT = Settings(resize="exact")
+FAST = Settings(resize="fast")
 # One 8-bit level of the normalised tensor in the channel with the smallest std: how far fast may be
 # from exact when it decodes at full scale (documented in shared.transforms).
 ONE_LEVEL = 1 / (255 * min(STD)) + 1e-5
