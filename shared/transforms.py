@@ -11,7 +11,7 @@ what the model was trained and validated with::
   the shorter side >= 256 so the rest only ever scales down;
 * the crop is done before the resize: the crop window is mapped back to source coordinates and
   ``Image.resize(box=...)`` resamples only those pixels (Pillow's filter places its samples exactly
-  where resize-then-crop would, so without the two options above this step alone changes nothing);
+  where resize-then-crop would: this step alone moves a value by at most one 8-bit level, rounding);
 * ``reducing_gap`` lets Pillow box-average by an integer factor before the bilinear filter when the
   window shrinks a lot (big PNGs, or JPEGs beyond libjpeg's 1/8);
 * images not in RGB are cropped before they are converted, and a greyscale image is never
@@ -19,9 +19,12 @@ what the model was trained and validated with::
 * normalisation is one multiply-add per element with a precomputed per-channel scale and offset
   instead of torchvision's divide, subtract, divide (within 1e-6 of it).
 
-The output contract is the same in both modes: float32 (3, H, W), C-contiguous. The difference and
-the speed-up, per format, are measured by ``bench/preprocess_fast_vs_exact.py`` and quoted in the
-README ("Preprocessing").
+The output contract is the same in both modes: float32 (3, H, W), C-contiguous. Tolerance: where
+fast decodes at full scale and does not box-average (JPEGs whose shorter side is under 512 px,
+other images under 1536 px), every value is within one 8-bit level, 1 / (255 * std), of exact: the
+window is the same, a pixel may round the other way. Elsewhere the tests bound the mean difference;
+the figures per format, and the speed-up, are measured by ``bench/preprocess_fast_vs_exact.py`` and
+quoted in the README ("Preprocessing").
 
 The worker pays for numpy here; the API never imports this module (it only probes, see images.py).
 """
