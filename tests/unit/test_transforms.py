@@ -289,3 +289,32 @@ def test_cmyk_and_grey_jpegs_take_the_draft_path():
         img = decode(data, FAST, draft_to=RESIZE)
         assert img.mode == "RGB" and img.size == (400, 300)
         assert np.abs(preprocess(data, EXACT) - preprocess(data, FAST)).mean() < 0.05
+
+
+@pytest.mark.parametrize("fmt,mode,size", [
+    ("JPEG", "RGB", (640, 520)), ("JPEG", "L", (640, 520)), ("GIF", "P", (120, 90)),
+    ("PNG", "RGBA", (120, 90)), ("TIFF", "CMYK", (120, 90)),
+])
+def test_fuzzed_bytes_in_fast_mode_only_ever_raise_image_errors(fmt, mode, size):
+    """fast crops, converts and resamples after decode: hostile input must still fail as an ImageError
+    (and what decodes must still give a finite tensor of the right shape)."""
+    import warnings
+
+    from tests.unit.test_images import _mutate
+
+    rng = random.Random(7)
+    base = encode(photo_like(size).convert(mode), fmt)
+    limits = FAST.replace(max_pixels=2_000_000)
+    outcomes: dict[str, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(60):
+            try:
+                out = preprocess(_mutate(rng, base), limits)
+            except ImageError as exc:
+                outcomes[exc.code] = outcomes.get(exc.code, 0) + 1
+                continue
+            assert out.shape == (3, INPUT_SIZE, INPUT_SIZE) and np.isfinite(out).all()
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+    assert outcomes.get("ok")
+    print(f"\nfuzz fast {fmt} {mode}: {outcomes}")
