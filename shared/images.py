@@ -110,13 +110,17 @@ def probe(data: bytes, settings: Settings) -> ImageInfo:
     return _open(data, settings)[1]
 
 
-def decode(data: bytes, settings: Settings, draft_to: int | None = None) -> Image.Image:
+def decode(data: bytes, settings: Settings, draft_to: int | None = None, *, rgb: bool = True) -> Image.Image:
     """Decode the first frame to an upright RGB image (worker path); never raises anything but
     ``ImageError`` subclasses, whatever the bytes.
 
     ``draft_to``: when set and the image is a JPEG at least twice that size on its shorter side,
     libjpeg decodes at 1/2, 1/4 or 1/8 scale (much faster for camera photos) while keeping the
     shorter side >= ``draft_to``, so a later resize to that size only ever scales down.
+
+    ``rgb=False`` returns the upright image in the mode it was decoded in, for a caller that crops
+    first and converts only the pixels it keeps (then it must call ``to_rgb``, which gives the same
+    pixels as converting here).
     """
     _precheck(data, settings)
     img, info = _open(data, settings)
@@ -127,7 +131,7 @@ def decode(data: bytes, settings: Settings, draft_to: int | None = None) -> Imag
             img.draft("RGB", (draft_to, draft_to))
         img.load()
         _exif_transpose(img)
-        return _to_rgb(img)
+        return _to_rgb(img) if rgb else img
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - see the module docstring: untrusted bytes, any decoder error
@@ -253,6 +257,17 @@ def _exif_transpose(img: Image.Image) -> None:
         pass
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``decode``'s conversion to RGB, for an image from ``decode(..., rgb=False)`` (or a crop of
+    one); like ``decode`` it raises only ``ImageError`` subclasses."""
+    try:
+        return _to_rgb(img)
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in decode: any converter error is this image's fault
+        raise CorruptImage(f"the image could not be converted to RGB ({_describe(exc)})") from None
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB with ``Image.convert("RGB")`` semantics (as torchvision's loader),
     except high-bit-depth greys, which ``convert`` would clip at 255 instead of scaling."""
@@ -302,4 +317,4 @@ def _scale_wide(img: Image.Image) -> Image.Image:
     return img.point(lambda v: v * scale - lo * scale).convert("L")
 
 
-__all__ = ["SUPPORTED_FORMATS", "ImageInfo", "probe", "decode"]
+__all__ = ["SUPPORTED_FORMATS", "ImageInfo", "probe", "decode", "to_rgb"]

@@ -61,9 +61,11 @@ class Settings:
                         "Folder holding `manifest.json` and the `model-<sha>.pt` it names, written by `pinfer export-model`.")
     precision: str = _s("PINFER_PRECISION", "fp32", "Inference precision; `bf16` needs AVX-512-BF16/AMX.",
                         ("fp32", "bf16"))
-    resize: str = _s("PINFER_RESIZE", "exact",
-                     "`exact` reproduces torchvision's Resize(256)+CenterCrop(224); `fast` decodes large JPEGs "
-                     "at reduced scale first.", ("exact", "fast"))
+    resize: str = _s("PINFER_RESIZE", "fast",
+                     "`fast` decodes large JPEGs at reduced scale and resamples only the 224 px centre window: "
+                     "measured 1.6x cheaper than `exact` per photo, half an 8-bit level from it on average "
+                     "(README, Preprocessing), hence the default. `exact` is torchvision's Resize(256)+"
+                     "CenterCrop(224)+Normalize bit for bit.", ("exact", "fast"))
     max_batch: int = _s("PINFER_MAX_BATCH", 16, "Most images classified in one forward pass.")
     max_wait_ms: int = _s("PINFER_MAX_WAIT_MS", 10, "How long a worker waits for a batch to fill after its first image.")
     bulk_chunk: int = _s("PINFER_BULK_CHUNK", 2,

@@ -5,7 +5,8 @@
   open -> exif_transpose -> convert("RGB") -> Resize(256) (bilinear, shorter side 256, longer
   int(256 * long / short)) -> CenterCrop(224) (offsets int(round((len - 224) / 2))) -> ToTensor
   (/255, CHW float32) -> Normalize(mean, std).
-* ``fast`` is measured against ``exact``: the figures printed here are the ones in the README.
+* ``fast`` is measured against ``exact`` (the README quotes bench/preprocess_fast_vs_exact.py, which
+  measures the same things per format).
 """
 from __future__ import annotations
 
@@ -20,20 +21,23 @@ from PIL import Image, ImageOps
 
 from shared.images import probe
 from shared.settings import Settings
-from shared.transforms import preprocess
+from shared.transforms import REDUCING_GAP, RESIZE, STD, preprocess
 
 pytestmark = pytest.mark.corpus
 
-EXACT = Settings()
-FAST = Settings().replace(resize="fast")
+EXACT = Settings(resize="exact")
+FAST = Settings(resize="fast")
 REF_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 REF_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 
-# Bounds for fast vs exact, picked from the measurement (corpus of 141 photos: mean 0.0082, worst
-# photo 0.127, mean over the 36 photos the draft path touches 0.032) with ~3x margin.
+# Bounds for fast vs exact, picked from the measurement (corpus of 141 photos: mean 0.0084, worst
+# photo 0.127, mean over the 37 photos decoded at reduced scale or box-averaged 0.031) with ~3x margin.
 FAST_CORPUS_MEAN_BOUND = 0.025
 FAST_WORST_PHOTO_BOUND = 0.3
 FAST_AFFECTED_MEAN_BOUND = 0.08
+# Photos fast decodes at full scale and resamples without box-averaging differ from exact by at most
+# one 8-bit level (see shared.transforms).
+ONE_LEVEL = 1 / (255 * min(STD)) + 1e-5
 
 
 def reference_tensor(path: Path) -> np.ndarray:
@@ -118,31 +122,36 @@ def test_exact_reproduces_torchvision_on_every_photo(rows):
     assert not bad
 
 
+def _shortcut(r: Row) -> bool:
+    """Whether fast takes a shortcut on this photo: reduced-scale JPEG decoding or box-averaging."""
+    return (r.fmt in ("JPEG", "MPO") and min(r.size) >= 2 * RESIZE) or min(r.size) >= 2 * REDUCING_GAP * RESIZE
+
+
 def test_fast_is_close_to_exact(rows):
     means = np.array([r.fast_mean for r in rows])
-    affected = [r for r in rows if r.fast_max > 0]
+    affected = [r for r in rows if r.fast_max > ONE_LEVEL]
     worst = max(rows, key=lambda r: r.fast_mean)
     affected_mean = float(np.mean([r.fast_mean for r in affected])) if affected else 0.0
     print(f"\nfast vs exact, mean |diff| of the normalised tensor: corpus mean {means.mean():.4f}, "
           f"worst photo {worst.fast_mean:.4f} ({worst.name}, max {worst.fast_max:.2f}); "
-          f"{len(affected)}/{len(rows)} photos decoded at reduced scale, their mean {affected_mean:.4f}")
+          f"{len(affected)}/{len(rows)} photos decoded at reduced scale or box-averaged, their mean {affected_mean:.4f}")
     assert means.mean() < FAST_CORPUS_MEAN_BOUND
     assert worst.fast_mean < FAST_WORST_PHOTO_BOUND
     assert affected_mean < FAST_AFFECTED_MEAN_BOUND
-    # Only JPEGs with a shorter side of at least 512 px may differ at all.
-    assert all(r.fmt in ("JPEG", "MPO") and min(r.size) >= 512 for r in affected)
+    # Only photos where fast takes a shortcut may differ by more than one level.
+    assert all(_shortcut(r) for r in affected)
 
 
 def test_fast_is_faster(rows):
     n = len(rows)
     t_exact = sum(r.t_exact for r in rows)
     t_fast = sum(r.t_fast for r in rows)
-    big = [r for r in rows if r.fast_max > 0]
+    big = [r for r in rows if _shortcut(r)]
     b_exact = sum(r.t_exact for r in big)
     b_fast = sum(r.t_fast for r in big)
     print(f"\nper image over the corpus: exact {t_exact / n * 1e3:.1f} ms, fast {t_fast / n * 1e3:.1f} ms "
-          f"(fast/exact {t_fast / t_exact:.2f}, speed-up {t_exact / t_fast:.2f}x); on the {len(big)} "
-          f"reduced-scale JPEGs: exact {b_exact / max(len(big), 1) * 1e3:.1f} ms, fast "
+          f"(fast/exact {t_fast / t_exact:.2f}, speed-up {t_exact / t_fast:.2f}x); on the {len(big)} photos "
+          f"fast takes a shortcut on: exact {b_exact / max(len(big), 1) * 1e3:.1f} ms, fast "
           f"{b_fast / max(len(big), 1) * 1e3:.1f} ms (speed-up {b_exact / max(b_fast, 1e-9):.2f}x)")
     if big:
         assert b_fast < b_exact

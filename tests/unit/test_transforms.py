@@ -23,8 +23,11 @@ from shared.transforms import (
     resize_shorter,
 )
 
-EXACT = Settings()
-FAST = Settings().replace(resize="fast")
+EXACT = Settings(resize="exact")
+FAST = Settings(resize="fast")
+# One 8-bit level of the normalised tensor in the channel with the smallest std: how far fast may be
+# from exact when it decodes at full scale (documented in shared.transforms).
+ONE_LEVEL = 1 / (255 * min(STD)) + 1e-5
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -196,15 +199,87 @@ def test_fast_mode_respects_exif_orientation():
     assert diff.mean() < 0.05
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
-def test_fast_mode_is_exact_for_non_jpeg(fmt):
-    data = encode(photo_like((1200, 900)), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
-    np.testing.assert_array_equal(preprocess(data, FAST), preprocess(data, EXACT))
+@pytest.mark.parametrize("fmt,size", [
+    ("PNG", (1200, 900)), ("WEBP", (1200, 900)), ("TIFF", (1200, 900)),  # resampled from the full image
+    ("JPEG", (500, 400)), ("JPEG", (640, 427)),  # too small for reduced-scale decoding
+    ("PNG", (256, 300)), ("PNG", (100, 80)),     # integer crop only; scaled up
+])
+def test_fast_without_reduced_decoding_is_within_one_level_of_exact(fmt, size):
+    """Resampling the window straight from the source may round a pixel the other way, no more."""
+    data = encode(photo_like(size), fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    diff = np.abs(preprocess(data, FAST) - preprocess(data, EXACT))
+    assert diff.max() <= ONE_LEVEL
+    assert diff.mean() < 1e-3
 
 
-def test_fast_mode_is_exact_for_small_jpeg():
-    data = encode(photo_like((500, 400)), "JPEG")
-    np.testing.assert_array_equal(preprocess(data, FAST), preprocess(data, EXACT))
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "LA", "P", "PA", "1", "I;16", "I", "F", "CMYK"])
+def test_fast_output_contract_and_tolerance_for_every_mode(mode):
+    """Same float32 (3, 224, 224) C-contiguous tensor as exact, within one level, whatever the mode
+    (modes other than RGB and L are cropped, then converted like decode converts them)."""
+    img = photo_like((700, 530))
+    if mode in ("I;16", "I"):
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)  # mode I;16
+        img = img if mode == "I;16" else img.convert("I")
+    elif mode == "F":
+        img = Image.fromarray(np.asarray(img.convert("L"), dtype=np.float32) / 255, "F")
+    else:
+        img = img.convert(mode)
+    fmt = "TIFF" if mode in ("I", "F", "CMYK", "I;16", "PA") else "PNG"
+    data = encode(img, fmt)
+    fast = preprocess(data, FAST)
+    assert fast.shape == (3, INPUT_SIZE, INPUT_SIZE) and fast.dtype == np.float32 and fast.flags.c_contiguous
+    assert np.abs(fast - preprocess(data, EXACT)).max() <= ONE_LEVEL
+
+
+def test_fast_keeps_the_colour_under_transparent_pixels_as_exact_does():
+    """convert("RGB") drops alpha; resizing RGBA would premultiply and turn transparent red black."""
+    img = photo_like((900, 700)).convert("RGBA")
+    alpha = np.full((700, 900), 255, np.uint8)
+    alpha[:, ::2] = 0
+    img.putalpha(Image.fromarray(alpha, "L"))
+    data = encode(img, "PNG")
+    assert np.abs(preprocess(data, FAST) - preprocess(data, EXACT)).max() <= ONE_LEVEL
+
+
+def test_fast_writes_into_a_batch_and_checks_out():
+    batch = np.zeros((2, 3, 224, 224), dtype=np.float32)
+    data = encode(photo_like((1600, 1200)), "JPEG")
+    result = preprocess(data, FAST, out=batch[1])
+    assert np.shares_memory(result, batch[1])
+    np.testing.assert_array_equal(batch[1], preprocess(data, FAST))
+    assert not batch[0].any()
+    with pytest.raises(ValueError):
+        preprocess(data, FAST, out=np.zeros((3, 224, 224), np.float64))
+
+
+def test_fast_honours_manifest_parameters_including_a_padded_crop():
+    data = encode(photo_like((300, 200)), "PNG")
+    for resize, size in ((160, 128), (160, 224)):  # the second pads: resize < input size
+        kw = dict(resize=resize, input_size=size, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+        fast = preprocess(data, FAST, **kw)
+        assert fast.shape == (3, size, size)
+        assert np.abs(fast - preprocess(data, EXACT, **kw)).max() <= 1 / (255 * 0.2) + 1e-5
+
+
+def test_fast_decodes_a_large_jpeg_at_reduced_scale(monkeypatch):
+    """The resampler gets libjpeg's 1/4-scale decode in fast mode and the full image in exact mode."""
+    import shared.transforms as transforms
+
+    seen = []
+    for name in ("preprocess_image", "preprocess_image_fast"):
+        real = getattr(transforms, name)
+        monkeypatch.setattr(transforms, name, lambda img, _real=real, **kw: seen.append(img.size) or _real(img, **kw))
+    data = encode(photo_like((2000, 1500)), "JPEG", quality=90)
+    preprocess(data, FAST)
+    preprocess(data, EXACT)
+    assert seen == [(500, 375), (2000, 1500)]
+
+
+def test_fast_shrinks_a_large_png_close_to_exact():
+    """Beyond 2 x REDUCING_GAP, Pillow box-averages before the filter: close, not identical."""
+    data = encode(photo_like((3200, 2400)), "PNG")
+    diff = np.abs(preprocess(data, FAST) - preprocess(data, EXACT))
+    assert diff.mean() < 0.01
 
 
 def test_cmyk_and_grey_jpegs_take_the_draft_path():
@@ -214,3 +289,32 @@ def test_cmyk_and_grey_jpegs_take_the_draft_path():
         img = decode(data, FAST, draft_to=RESIZE)
         assert img.mode == "RGB" and img.size == (400, 300)
         assert np.abs(preprocess(data, EXACT) - preprocess(data, FAST)).mean() < 0.05
+
+
+@pytest.mark.parametrize("fmt,mode,size", [
+    ("JPEG", "RGB", (640, 520)), ("JPEG", "L", (640, 520)), ("GIF", "P", (120, 90)),
+    ("PNG", "RGBA", (120, 90)), ("TIFF", "CMYK", (120, 90)),
+])
+def test_fuzzed_bytes_in_fast_mode_only_ever_raise_image_errors(fmt, mode, size):
+    """fast crops, converts and resamples after decode: hostile input must still fail as an ImageError
+    (and what decodes must still give a finite tensor of the right shape)."""
+    import warnings
+
+    from tests.unit.test_images import _mutate
+
+    rng = random.Random(7)
+    base = encode(photo_like(size).convert(mode), fmt)
+    limits = FAST.replace(max_pixels=2_000_000)
+    outcomes: dict[str, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(60):
+            try:
+                out = preprocess(_mutate(rng, base), limits)
+            except ImageError as exc:
+                outcomes[exc.code] = outcomes.get(exc.code, 0) + 1
+                continue
+            assert out.shape == (3, INPUT_SIZE, INPUT_SIZE) and np.isfinite(out).all()
+            outcomes["ok"] = outcomes.get("ok", 0) + 1
+    assert outcomes.get("ok")
+    print(f"\nfuzz fast {fmt} {mode}: {outcomes}")
