@@ -140,18 +140,3 @@ def test_fast_is_close_to_exact(rows):
     assert affected_mean < FAST_AFFECTED_MEAN_BOUND
     # Only photos where fast takes a shortcut may differ by more than one level.
     assert all(_shortcut(r) for r in affected)
-
-
-def test_fast_is_faster(rows):
-    n = len(rows)
-    t_exact = sum(r.t_exact for r in rows)
-    t_fast = sum(r.t_fast for r in rows)
-    big = [r for r in rows if _shortcut(r)]
-    b_exact = sum(r.t_exact for r in big)
-    b_fast = sum(r.t_fast for r in big)
-    print(f"\nper image over the corpus: exact {t_exact / n * 1e3:.1f} ms, fast {t_fast / n * 1e3:.1f} ms "
-          f"(fast/exact {t_fast / t_exact:.2f}, speed-up {t_exact / t_fast:.2f}x); on the {len(big)} photos "
-          f"fast takes a shortcut on: exact {b_exact / max(len(big), 1) * 1e3:.1f} ms, fast "
-          f"{b_fast / max(len(big), 1) * 1e3:.1f} ms (speed-up {b_exact / max(b_fast, 1e-9):.2f}x)")
-    if big:
-        assert b_fast < b_exact
