@@ -7,7 +7,7 @@ import redis
 from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from shared.errors import Overloaded, PinferError, ServiceUnavailable
+from shared.errors import PinferError, ServiceUnavailable
 
 log = logging.getLogger("pinfer.api")
 
@@ -16,8 +16,9 @@ def error_response(err: PinferError, extra: dict | None = None):
     body = {"error": err.to_dict(), **(extra or {})}
     resp = jsonify(body)
     resp.status_code = err.status
-    if isinstance(err, Overloaded):
-        resp.headers["Retry-After"] = str(err.retry_after_s)
+    retry_after = getattr(err, "retry_after_s", None)  # 429, 503, 409 in progress: say when to retry
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
     return resp
 
 
@@ -45,7 +46,8 @@ def init_app(app: Flask) -> None:
     def _redis(err: redis.RedisError):
         log.error("redis error: %s", err)
         return error_response(ServiceUnavailable(f"the store is unavailable ({type(err).__name__}); "
-                                                 "nothing was accepted, retry later"))
+                                                 "nothing was accepted, retry later",
+                                                 retry_after_s=app.config["SETTINGS"].retry_after_s))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):

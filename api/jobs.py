@@ -60,14 +60,16 @@ def add_images(jid: str):
                          "characters), unique within the request")
     accepted, duplicates, rejected = [], [], []
     for f, name in zip(files, names):
-        error = None
+        error, content_sha, hit = None, None, None
         try:
             data = read_capped(f.stream, s)
             probe(data, s)
+            content_sha, hit = p.cache.lookup(data, job.top_k)
         except ImageError as exc:
             data, error = b"", exc.to_dict()
         try:
-            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error)
+            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error, result=hit,
+                                 content_sha=content_sha)
         except Overloaded as exc:
             return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
         entry = {"name": name, "id": sub.id}
@@ -75,6 +77,8 @@ def add_images(jid: str):
             duplicates.append(entry)
         elif error:
             rejected.append({**entry, "error": error})
+        elif hit is not None:  # answered from the result cache: already succeeded, nothing to queue
+            accepted.append({**entry, "cached": True})
         else:
             publish(sub.id, BULK)
             accepted.append(entry)

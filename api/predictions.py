@@ -40,9 +40,15 @@ def submit():
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
     probe(data, s)  # 415/413/422 from the header, without a full decode
     pid = new_id()
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE)
-    publish(sub.id, INTERACTIVE)
+    content_sha, hit = p.cache.lookup(data, top_k)
     link = url_for("predictions.get", pid=pid)
+    if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
+        p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha)
+        resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
+        resp.headers["Location"] = link
+        return resp
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha)
+    publish(sub.id, INTERACTIVE)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
                     "links": {"self": link}})
     resp.status_code = 202

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -105,10 +104,16 @@ def _up(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not os.environ.get("PINFER_REDIS_URL"):
-            redis_proc, url = start_redis(Path(tempfile.mkdtemp(prefix="pinfer-redis-")))
+            data = settings.data_path()
+            lock = _lock_data_dir(data)
+            if lock is None:
+                print(f"pinfer: another `pinfer up` is using {data}; stop it, or set PINFER_DATA_DIR "
+                      "to another folder", file=sys.stderr)
+                return 1
+            redis_proc, url = start_redis(data, durable=True, maxmemory=settings.derived_redis_maxmemory())
             procs.append(redis_proc)
             env["PINFER_REDIS_URL"] = url
-            print(f"started a private redis-server at {url}", flush=True)
+            print(f"started a private redis-server at {url}, data in {data} (PINFER_DATA_DIR)", flush=True)
         procs.append(start_workers(env))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
@@ -140,6 +145,25 @@ def _up(argv: list[str]) -> int:
         for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
             p.stop(signal.SIGTERM, 60)
         print("stopped", flush=True)
+
+
+def _lock_data_dir(data: Path):
+    """Hold an exclusive lock on the data folder for this process's life (two Redis servers writing
+    one append-only file would corrupt it); None when another process holds it."""
+    import fcntl
+
+    data.mkdir(parents=True, exist_ok=True)
+    f = open(data / "pinfer-up.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    _HELD_LOCKS.append(f)  # released by the kernel when this process exits, however it exits
+    return f
+
+
+_HELD_LOCKS: list = []
 
 
 if __name__ == "__main__":

@@ -87,3 +87,19 @@ SWEEP_SUSPECTS = PREFIX + "sweep-suspects"
 #: String with a TTL, set by every interactive submission: while it exists, workers run bulk work in
 #: small chunks that yield to interactive work; otherwise in full batches.
 INTERACTIVE_RECENT = PREFIX + "interactive-recent"
+
+
+def cache(digest: str) -> str:
+    """String with a TTL: a stored result (JSON) for the content digest of (bytes, model sha256,
+    precision, resize mode, top_k); see ``shared.store.cache_digest``."""
+    return f"{PREFIX}cache:{digest}"
+
+
+#: Sorted set: cache digest -> when it was stored; bounds the cache's size (oldest removed first).
+CACHE_INDEX = PREFIX + "cache-index"
+
+
+def idempotency(scope: str, route: str, key: str) -> str:
+    """Hash with a TTL: the answer to the request sent with ``Idempotency-Key: key`` to ``route`` by
+    the client ``scope`` (its API key's name; keys of different clients never meet)."""
+    return f"{PREFIX}idem:{scope}:{route}:{key}"

@@ -137,3 +137,35 @@ for i = 4, #ARGV do
 end
 return false
 """
+
+# KEYS: 1 cache index.  ARGV: 1 now, 2 ttl, 3 max entries, 4 key prefix of entries,
+#       5.. (digest, result JSON) pairs.
+# Stores results for reuse and keeps the cache within its bound (Redis runs noeviction, so the
+# cache must make room itself): expired index entries are dropped, then the oldest beyond the bound.
+CACHE_PUT = """
+local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('SET', ARGV[4] .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+local over = redis.call('ZCARD', KEYS[1]) - max
+if over > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[1], over)
+  for i = 1, #old, 2 do redis.call('DEL', ARGV[4] .. old[i]) end
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+return over
+"""
+
+# KEYS: 1 idempotency record.  ARGV: 1 request fingerprint, 2 seconds a pending claim lives.
+# The first request with a key claims it ('new'); later ones get the record to replay or refuse.
+IDEMPOTENCY_BEGIN = """
+if redis.call('HSETNX', KEYS[1], 'fingerprint', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'pending')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'new'}
+end
+local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'status', 'body', 'location')
+return {'seen', h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''}
+"""

@@ -46,6 +46,7 @@ class Prediction:
     result: dict | None = None
     error: dict | None = None
     enqueued_at: float | None = None  # last time its ID was published (the sweeper republishes)
+    content_sha: str | None = None  # sha256 of the uploaded bytes (result cache), when the cache is on
 
     @classmethod
     def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
@@ -68,6 +69,7 @@ class Prediction:
             result=json.loads(raw["result"]) if raw.get("result") else None,
             error=err,
             enqueued_at=_f(raw, "enqueued_at") or float(raw["created_at"]),
+            content_sha=raw.get("sha") or None,
         )
 
     def public(self) -> dict[str, Any]:

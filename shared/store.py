@@ -5,6 +5,7 @@ Both the API and the worker go through ``Store``; every state change runs one of
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import redis
 from shared import keys, lua
 from shared.errors import Conflict, NotFound, Overloaded
 from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
-                           Job, Prediction)
+                           SUCCEEDED, Job, Prediction)
 from shared.settings import Settings
 
 
@@ -33,6 +34,13 @@ class Transitioned:
     outcome: str  # "ok" | "skip" (status was not an allowed source) | "missing"
     previous: str
     attempts: int
+
+
+def cache_digest(content_sha256: str, model_sha256: str, precision: str, resize: str, top_k: int) -> str:
+    """The result cache's key: everything that decides a result. The same bytes under another model,
+    precision, resize mode or ``top_k`` is another entry, so a roll-out never serves an old model's
+    answer as the new one's."""
+    return hashlib.sha256(f"{content_sha256}|{model_sha256}|{precision}|{resize}|{top_k}".encode()).hexdigest()
 
 
 def connect(url: str, decode: bool = True) -> redis.Redis:
@@ -54,33 +62,42 @@ class Store:
         self._close = self.r.register_script(lua.CLOSE_JOB)
         self._lease = self.r.register_script(lua.LEASE_CORE)
         self._mark = self.r.register_script(lua.MARK_IN_FLIGHT)
+        self._cache_put = self.r.register_script(lua.CACHE_PUT)
+        self._idem_begin = self.r.register_script(lua.IDEMPOTENCY_BEGIN)
 
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
-               name: str | None = None, error: dict | None = None) -> Submitted:
+               name: str | None = None, error: dict | None = None, result: dict | None = None,
+               content_sha: str | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
-        results have one line per image sent. Raises Overloaded, NotFound or Conflict.
+        results have one line per image sent. ``result`` records a result cache hit: the image is
+        ``succeeded`` at once, nothing is stored or queued, and no bound applies. ``content_sha``
+        (sha256 of the bytes) lets the worker fill the cache. Raises Overloaded, NotFound or Conflict.
         """
         now = time.time()
-        status = FAILED if error else QUEUED
+        status = FAILED if error else SUCCEEDED if result is not None else QUEUED
         fields = ["created_at", repr(now), "top_k", str(top_k), "lane", lane, "attempts", "0", "size", str(len(data))]
         if job_id:
             fields += ["job_id", job_id, "name", name or ""]
+        if content_sha:
+            fields += ["sha", content_sha]
         if error:
             fields += ["error_code", error["code"], "error_message", error["message"], "finished_at", repr(now)]
+        elif result is not None:
+            fields += ["result", _str(result), "started_at", repr(now), "finished_at", repr(now)]
         jkeys = ([keys.job(job_id), keys.job_pending(job_id), keys.job_items(job_id), keys.job_names(job_id),
                   keys.job_done(job_id)] if job_id else ["", "", "", "", ""])
         s = self.settings
         res = self._submit(
             keys=[keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys,
-                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE else ""],
-            args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if not error else b"",
+                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE and status == QUEUED else ""],
+            args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if status == QUEUED else b"",
                   s.max_pending_per_job, name or "", status, s.interactive_window_s, *fields])
         outcome = res[0]
         if outcome == "ok":
-            if error:
+            if status != QUEUED:
                 self.r.publish(keys.DONE_CHANNEL, pid)
             return Submitted("ok", pid, now)
         if outcome == "duplicate":
@@ -152,6 +169,41 @@ class Store:
     def transition(self, pid: str, to: str, allowed: Sequence[str], fields: dict | None = None,
                    bump_attempts: bool = False) -> Transitioned:
         return self.transition_many([(pid, to, allowed, fields or {}, bump_attempts)])[0]
+
+    # ------------------------------------------------------------------ result cache
+    def cache_get(self, digest: str) -> dict | None:
+        """The cached result for ``digest`` (see ``cache_digest``), or None."""
+        raw = self.r.get(keys.cache(digest))
+        return json.loads(raw) if raw else None
+
+    def cache_put(self, entries: Sequence[tuple[str, dict]]) -> None:
+        """Keep results for reuse, for PINFER_CACHE_TTL_S, at most PINFER_CACHE_MAX_ENTRIES of them."""
+        s = self.settings
+        if not entries or s.cache_ttl_s <= 0:
+            return
+        flat = [x for d, res in entries for x in (d, _str(res))]
+        self._cache_put(keys=[keys.CACHE_INDEX], args=[time.time(), s.cache_ttl_s, s.cache_max_entries,
+                                                       keys.cache(""), *flat])
+
+    # ------------------------------------------------------------------ idempotency
+    def idempotency_begin(self, key: str, fingerprint: str, pending_s: int) -> dict | None:
+        """Claim ``key`` (a ``keys.idempotency`` key) for a request: None when this is the first
+        request with it, else the stored record (fingerprint, state, status, body, location)."""
+        res = self._idem_begin(keys=[key], args=[fingerprint, pending_s])
+        if res[0] == "new":
+            return None
+        return dict(zip(("fingerprint", "state", "status", "body", "location"), res[1:]))
+
+    def idempotency_finish(self, key: str, status: int, body: str, location: str) -> None:
+        """Record the answer to replay, for PINFER_RESULT_TTL_S (as long as the prediction lives)."""
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"state": "done", "status": status, "body": body, "location": location})
+        pipe.expire(key, self.settings.result_ttl_s)
+        pipe.execute()
+
+    def idempotency_abort(self, key: str) -> None:
+        """Forget a claim whose request failed, so that a retry runs it again."""
+        self.r.delete(key)
 
     # ------------------------------------------------------------------ jobs
     def create_job(self, jid: str, name: str | None, top_k: int) -> Job:
