@@ -8,6 +8,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.errors import error_response
 from api.extensions import pinfer
+from api.idempotency import fingerprint, idempotent
 from api.predictions import publish
 from api.uploads import int_param, read_capped
 from shared.errors import BadRequest, ImageError, InvalidParameter, MissingImage, Overloaded
@@ -24,6 +25,11 @@ def _job_json(job: Job) -> dict:
 
 @bp.post("")
 def create():
+    fp = fingerprint("POST /v1/jobs", request.query_string, request.get_data(cache=True))
+    return idempotent("jobs", fp, _create)
+
+
+def _create():
     s = pinfer().settings
     body = request.get_json(silent=True) or {}
     if not isinstance(body, dict):

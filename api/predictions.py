@@ -1,12 +1,14 @@
 """``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
 from flask import Blueprint, jsonify, request, url_for
 
 from api.extensions import pinfer
+from api.idempotency import fingerprint, idempotent
 from api.uploads import float_param, int_param, single_image
 from shared.errors import NotFound
 from shared.images import probe
@@ -38,7 +40,13 @@ def submit():
     s = p.settings
     data = single_image(request, s)  # before any form access: a raw body is not a form
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
-    probe(data, s)  # 415/413/422 from the header, without a full decode
+    fp = fingerprint("POST /v1/predictions", str(top_k), hashlib.sha256(data).digest())
+    return idempotent("predictions", fp, lambda: _submit(data, top_k))
+
+
+def _submit(data: bytes, top_k: int):
+    p = pinfer()
+    probe(data, p.settings)  # 415/413/422 from the header, without a full decode
     pid = new_id()
     content_sha, hit = p.cache.lookup(data, top_k)
     link = url_for("predictions.get", pid=pid)
