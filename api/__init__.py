@@ -20,10 +20,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.json.sort_keys = False
 
-    from api import errors, extensions, health, jobs, pages, predictions
+    from api import auth, errors, extensions, health, jobs, pages, predictions
 
     extensions.init_app(app)
     errors.init_app(app)
+    auth.init_app(app)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)

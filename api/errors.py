@@ -16,6 +16,8 @@ def error_response(err: PinferError, extra: dict | None = None):
     body = {"error": err.to_dict(), **(extra or {})}
     resp = jsonify(body)
     resp.status_code = err.status
+    if err.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="pinfer"'
     retry_after = getattr(err, "retry_after_s", None)  # 429, 503, 409 in progress: say when to retry
     if retry_after is not None:
         resp.headers["Retry-After"] = str(retry_after)

@@ -7,6 +7,7 @@ import json
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.errors import error_response
+from api.auth import caller, check_owner
 from api.extensions import pinfer
 from api.idempotency import fingerprint, idempotent
 from api.predictions import publish
@@ -21,6 +22,13 @@ MAX_NAME = 1024
 
 def _job_json(job: Job) -> dict:
     return job.public(pinfer().store.job_rate(job))
+
+
+def _my_job(jid: str) -> Job:
+    """The job, or 404 when it is unknown or belongs to another API key."""
+    job = pinfer().store.get_job(jid)
+    check_owner(job.owner, f"job {jid}")
+    return job
 
 
 @bp.post("")
@@ -45,7 +53,7 @@ def _create():
     if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
         raise InvalidParameter("`name` must be a string of at most 1024 characters")
     jid = new_id()
-    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k)))
+    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k, owner=caller())))
     resp.status_code = 201
     resp.headers["Location"] = url_for("jobs.get", jid=jid)
     return resp
@@ -56,7 +64,7 @@ def add_images(jid: str):
     """Store and queue each file of the ``images`` field; stop at a backpressure bound with 429."""
     p = pinfer()
     s = p.settings
-    job = p.store.get_job(jid)
+    job = _my_job(jid)
     files = request.files.getlist("images")
     if not files:
         raise MissingImage("send the images as files in the multipart field `images`")
@@ -75,7 +83,7 @@ def add_images(jid: str):
             data, error = b"", exc.to_dict()
         try:
             sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error, result=hit,
-                                 content_sha=content_sha)
+                                 content_sha=content_sha, owner=caller())
         except Overloaded as exc:
             return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
         entry = {"name": name, "id": sub.id}
@@ -93,16 +101,18 @@ def add_images(jid: str):
 
 @bp.get("/<jid>")
 def get(jid: str):
-    return jsonify(_job_json(pinfer().store.get_job(jid)))
+    return jsonify(_job_json(_my_job(jid)))
 
 
 @bp.post("/<jid>/close")
 def close(jid: str):
+    _my_job(jid)
     return jsonify(_job_json(pinfer().store.close_job(jid)))
 
 
 @bp.delete("/<jid>")
 def cancel(jid: str):
+    _my_job(jid)
     return jsonify(_job_json(pinfer().store.cancel_job(jid)))
 
 
@@ -111,7 +121,7 @@ def results(jid: str):
     store = pinfer().store
     cursor = int_param(request, "cursor", 0, 0, 2**31)
     limit = int_param(request, "limit", 1000, 1, 10_000)
-    job = store.get_job(jid)  # 404 for unknown jobs; read before the list so "finished" is safe
+    job = _my_job(jid)  # 404 for unknown jobs; read before the list so "finished" is safe
     preds, nxt = store.job_results(jid, cursor, limit)
     body = "".join(json.dumps(p.result_line(), separators=(",", ":")) + "\n" for p in preds)
     resp = Response(body, mimetype="application/x-ndjson")

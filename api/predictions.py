@@ -7,6 +7,7 @@ import time
 
 from flask import Blueprint, jsonify, request, url_for
 
+from api.auth import caller, check_owner
 from api.extensions import pinfer
 from api.idempotency import fingerprint, idempotent
 from api.uploads import float_param, int_param, single_image
@@ -51,11 +52,11 @@ def _submit(data: bytes, top_k: int):
     content_sha, hit = p.cache.lookup(data, top_k)
     link = url_for("predictions.get", pid=pid)
     if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
-        p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha)
+        p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha, owner=caller())
         resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
         resp.headers["Location"] = link
         return resp
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha)
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller())
     publish(sub.id, INTERACTIVE)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
                     "links": {"self": link}})
@@ -71,6 +72,7 @@ def get(pid: str):
     rec = p.store.get(pid)
     if rec is None:
         raise NotFound(f"no prediction {pid} (unknown, or expired after PINFER_RESULT_TTL_S)")
+    check_owner(rec.owner, f"prediction {pid}")
     capped = False
     if wait > 0 and rec.status not in TERMINAL:
         deadline = time.monotonic() + wait

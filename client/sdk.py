@@ -29,6 +29,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+#: Environment variable the API key is read from when none is passed (``Authorization: Bearer``).
+API_KEY_ENV = "PINFER_API_KEY"
 #: Sent with every POST (a new random key per call, the same on its retries).
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -208,10 +210,14 @@ class Client:
     def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 5,
                  session: requests.Session | None = None, *, backoff: float = 0.5,
                  backoff_max: float = 30.0, max_retry_after: float = 120.0, long_poll: float = 25.0,
-                 pool_size: int = 16, sleep: Callable[[float], Any] = time.sleep) -> None:
+                 pool_size: int = 16, sleep: Callable[[float], Any] = time.sleep,
+                 api_key: str | None = None) -> None:
         if "://" not in base_url:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
+        # From the environment by default, so `pinfer ingest` never needs the key on its command line
+        # (where `ps` and shell history would show it).
+        self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -256,6 +262,8 @@ class Client:
         ``ok``), raises ApiError / ApiUnreachable otherwise."""
         url = self.base_url + path
         timeout = (min(10.0, self.timeout), read_timeout or self.timeout)
+        if self._api_key:
+            kwargs["headers"] = {"Authorization": f"Bearer {self._api_key}", **(kwargs.get("headers") or {})}
         if method == "POST":
             # One key for every try of this call: the server answers a retry with the first answer,
             # so a POST whose answer was lost (timeout, reset by a proxy) is safe to send again.

@@ -46,6 +46,13 @@ class MissingImage(BadRequest):
     code = "missing_image"
 
 
+class Unauthorized(PinferError):
+    """Raised when API keys are on and a ``/v1`` call has no valid ``Authorization: Bearer`` key."""
+
+    code = "unauthorized"
+    status = 401
+
+
 class NotFound(PinferError):
     """Raised when a prediction or job ID is unknown or its record has expired."""
 

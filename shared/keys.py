@@ -103,3 +103,9 @@ def idempotency(scope: str, route: str, key: str) -> str:
     """Hash with a TTL: the answer to the request sent with ``Idempotency-Key: key`` to ``route`` by
     the client ``scope`` (its API key's name; keys of different clients never meet)."""
     return f"{PREFIX}idem:{scope}:{route}:{key}"
+
+
+def key_pending(name: str) -> str:
+    """Sorted set: the API key ``name``'s prediction IDs not yet classified (its own pending bound).
+    Always PENDING + ":" + name: the transition script derives it from a record's ``owner``."""
+    return f"{PENDING}:{name}"

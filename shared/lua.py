@@ -8,10 +8,11 @@ ARGV because a prediction only learns its job ID inside the script (single-node 
 """
 
 # KEYS: 1 pending, 2 pred, 3 image, 4 job, 5 job_pending, 6 job_items, 7 job_names, 8 job_done,
-#       9 interactive-recent marker ('' for bulk)
+#       9 interactive-recent marker ('' for bulk), 10 the API key's pending set ('' without keys)
 # ARGV: 1 id, 2 now, 3 max_pending, 4 image_ttl, 5 result_ttl, 6 bytes, 7 job_max_pending,
 #       8 name, 9 status ('queued' or 'failed' for an image rejected at submit),
-#       10 interactive window seconds, 11.. field pairs
+#       10 interactive window seconds, 11.. field pairs; the API key's bound is the field pair
+#       'key_max_pending' (read here, not stored)
 SUBMIT = """
 local id, now = ARGV[1], tonumber(ARGV[2])
 local has_job = KEYS[4] ~= ''
@@ -30,13 +31,22 @@ if status == 'queued' then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
     if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return {'overloaded', 'job'} end
   end
+  if KEYS[10] and KEYS[10] ~= '' then
+    local key_max = 0
+    for i = 11, #ARGV, 2 do if ARGV[i] == 'key_max_pending' then key_max = tonumber(ARGV[i + 1]) end end
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+    if redis.call('ZCARD', KEYS[10]) >= key_max then return {'overloaded', 'key'} end
+    redis.call('ZADD', KEYS[10], now + tonumber(ARGV[4]), id)
+  end
   local expires = now + tonumber(ARGV[4])
   redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[4])
   redis.call('ZADD', KEYS[1], expires, id)
   if has_job then redis.call('ZADD', KEYS[5], expires, id) end
 end
 local fields = {}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV, 2 do
+  if ARGV[i] ~= 'key_max_pending' then fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1] end
+end
 redis.call('HSET', KEYS[2], 'status', status, unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if KEYS[9] ~= '' then redis.call('SET', KEYS[9], '1', 'EX', ARGV[10]) end
@@ -87,6 +97,8 @@ end
 if terminal then
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= '' then redis.call('ZREM', KEYS[3] .. ':' .. owner, ARGV[1]) end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('PUBLISH', ARGV[6], ARGV[1])
 end

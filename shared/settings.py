@@ -36,6 +36,13 @@ class Settings:
                               "submissions get 503 and nothing stored is dropped). 0 = derived from the pending "
                               "bound: PINFER_MAX_PENDING_IMAGES x PINFER_MAX_UPLOAD_BYTES + 512 MiB, at most half "
                               "the machine's memory.")
+    api_keys_file: str = _s("PINFER_API_KEYS_FILE", "",
+                            "File of API keys (`pinfer api-key NAME` adds one; only sha256 hashes are stored). "
+                            "Set: every `/v1` call needs `Authorization: Bearer <key>` and sees only what its key "
+                            "created. Empty: no authentication (the loopback default of `make up`).")
+    max_pending_per_key: int = _s("PINFER_MAX_PENDING_PER_KEY", 5_000,
+                                  "Images of one API key stored but not yet classified (429 `overloaded`); only "
+                                  "with PINFER_API_KEYS_FILE.")
     # --- upload limits -----------------------------------------------------------------------
     max_upload_bytes: int = _s("PINFER_MAX_UPLOAD_BYTES", 20 * MiB, "Largest accepted upload (413 `image_too_large`).")
     max_pixels: int = _s("PINFER_MAX_PIXELS", 50_000_000,
@@ -140,7 +147,7 @@ class Settings:
                 raise ValueError(f"{f.metadata['env']} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
         for name in ("max_upload_bytes", "max_pixels", "max_batch", "max_top_k", "max_deliveries", "bulk_chunk",
-                     "interactive_window_s", "cache_max_entries"):
+                     "interactive_window_s", "cache_max_entries", "max_pending_per_key"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
         if self.cache_ttl_s < 0:

@@ -68,13 +68,14 @@ class Store:
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
                name: str | None = None, error: dict | None = None, result: dict | None = None,
-               content_sha: str | None = None) -> Submitted:
+               content_sha: str | None = None, owner: str | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
         results have one line per image sent. ``result`` records a result cache hit: the image is
         ``succeeded`` at once, nothing is stored or queued, and no bound applies. ``content_sha``
-        (sha256 of the bytes) lets the worker fill the cache. Raises Overloaded, NotFound or Conflict.
+        (sha256 of the bytes) lets the worker fill the cache. ``owner`` (the API key's name) owns the
+        record and is held to PINFER_MAX_PENDING_PER_KEY. Raises Overloaded, NotFound or Conflict.
         """
         now = time.time()
         status = FAILED if error else SUCCEEDED if result is not None else QUEUED
@@ -83,6 +84,8 @@ class Store:
             fields += ["job_id", job_id, "name", name or ""]
         if content_sha:
             fields += ["sha", content_sha]
+        if owner:
+            fields += ["owner", owner, "key_max_pending", str(self.settings.max_pending_per_key)]
         if error:
             fields += ["error_code", error["code"], "error_message", error["message"], "finished_at", repr(now)]
         elif result is not None:
@@ -92,7 +95,8 @@ class Store:
         s = self.settings
         res = self._submit(
             keys=[keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys,
-                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE and status == QUEUED else ""],
+                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE and status == QUEUED else "",
+                  keys.key_pending(owner) if owner else ""],
             args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if status == QUEUED else b"",
                   s.max_pending_per_job, name or "", status, s.interactive_window_s, *fields])
         outcome = res[0]
@@ -104,9 +108,11 @@ class Store:
             return Submitted("duplicate", res[1])
         if outcome == "overloaded":
             scope = res[1]
-            limit = s.max_pending_images if scope == "global" else s.max_pending_per_job
+            limit, where = {"global": (s.max_pending_images, "in total"),
+                            "job": (s.max_pending_per_job, "in this job"),
+                            "key": (s.max_pending_per_key, "for this API key")}[scope]
             raise Overloaded(f"{limit} images are already waiting to be classified "
-                             f"({'in total' if scope == 'global' else 'in this job'}); retry after "
+                             f"({where}); retry after "
                              f"{s.retry_after_s} s", retry_after_s=s.retry_after_s, scope=scope)
         if outcome == "no_job":
             raise NotFound(f"job {job_id} does not exist or has expired")
@@ -206,9 +212,10 @@ class Store:
         self.r.delete(key)
 
     # ------------------------------------------------------------------ jobs
-    def create_job(self, jid: str, name: str | None, top_k: int) -> Job:
+    def create_job(self, jid: str, name: str | None, top_k: int, owner: str | None = None) -> Job:
         now = time.time()
-        mapping = {"status": JOB_OPEN, "created_at": repr(now), "top_k": top_k, "name": name or "", "total": 0}
+        mapping = {"status": JOB_OPEN, "created_at": repr(now), "top_k": top_k, "name": name or "", "total": 0,
+                   "owner": owner or ""}
         pipe = self.r.pipeline()
         pipe.hset(keys.job(jid), mapping=mapping)
         pipe.expire(keys.job(jid), self.settings.result_ttl_s)

@@ -342,3 +342,15 @@ def test_client_imports_no_server_or_heavy_packages():
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_api_key_from_the_environment_is_sent_on_every_call(fake, monkeypatch):
+    monkeypatch.setenv("PINFER_API_KEY", "pk_from_env")
+    c = make_client(fake, sleep=Sleeps())
+    c.classify(PNG)
+    assert fake.authorization and set(fake.authorization) == {"Bearer pk_from_env"}
+    assert "pk_from_env" not in repr(c)
+    monkeypatch.delenv("PINFER_API_KEY")
+    fake.authorization.clear()
+    make_client(fake, sleep=Sleeps()).submit(PNG)
+    assert fake.authorization == [None]
