@@ -20,7 +20,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.json.sort_keys = False
 
-    from api import auth, errors, extensions, health, jobs, pages, predictions
+    from api import auth, errors, extensions, health, jobs, openapi, pages, predictions
 
     extensions.init_app(app)
     errors.init_app(app)
@@ -29,4 +29,5 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -20,7 +20,7 @@ from flask import Flask, g, request
 
 from shared.errors import NotFound, Unauthorized
 
-OPEN_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "pages.index", "static", "openapi.spec"})
+OPEN_ENDPOINTS = frozenset({"health.healthz", "health.readyz", "pages.index", "static", "openapi.spec_json"})
 
 
 def hash_key(key: str) -> str:
