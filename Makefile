@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test unit integration bench model install clean settings-table
+.PHONY: up test unit integration bench soak model install clean settings-table
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# 10 minutes at ~70 % of capacity with a worker SIGKILL every 2 minutes (not in CI): RSS, p50/p99, lost
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 settings-table: $(STAMP)
 	$(PY) -m pinfer.cli settings --markdown

@@ -20,14 +20,16 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config)
     app.json.sort_keys = False
 
-    from api import errors, extensions, health, jobs, metrics, pages, predictions, requestlog
+    from api import auth, errors, extensions, health, jobs, metrics, openapi, pages, predictions, requestlog
 
     extensions.init_app(app)
     requestlog.init_app(app)
     metrics.init_app(app)
     errors.init_app(app)
+    auth.init_app(app)
     app.register_blueprint(predictions.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(openapi.bp)
     return app

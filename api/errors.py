@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Flask, current_app, jsonify
+from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from api.metrics import REJECTED
@@ -17,12 +17,13 @@ def error_response(err: PinferError, extra: dict | None = None):
     body = {"error": err.to_dict(), **(extra or {})}
     resp = jsonify(body)
     resp.status_code = err.status
+    if err.status == 401:
+        resp.headers["WWW-Authenticate"] = 'Bearer realm="pinfer"'
+    retry_after = getattr(err, "retry_after_s", None)  # 429, 503, 409 in progress: say when to retry
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
     if isinstance(err, Overloaded):
-        resp.headers["Retry-After"] = str(err.retry_after_s)
         REJECTED.labels(str(err.details.get("scope") or "global")).inc()
-    elif isinstance(err, ServiceUnavailable):
-        # Redis restarting or failing over: seconds, not minutes. Clients and nginx back off this long.
-        resp.headers["Retry-After"] = str(current_app.config["SETTINGS"].retry_after_s)
     return resp
 
 
@@ -50,7 +51,8 @@ def init_app(app: Flask) -> None:
     def _redis(err: redis.RedisError):
         log.error("redis error: %s", err)
         return error_response(ServiceUnavailable(f"the store is unavailable ({type(err).__name__}); "
-                                                 "nothing was accepted, retry later"))
+                                                 "nothing was accepted, retry later",
+                                                 retry_after_s=app.config["SETTINGS"].retry_after_s))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):

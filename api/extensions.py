@@ -10,6 +10,7 @@ from typing import Callable
 
 from flask import Flask, current_app
 
+from api.cache import ResultCache
 from api.waiters import Waiters
 from shared.settings import Settings
 from shared.store import Store
@@ -21,6 +22,7 @@ class Pinfer:
     store: Store
     enqueue: Callable[[str, str], None]
     waiters: Waiters
+    cache: ResultCache
 
 
 def init_app(app: Flask) -> None:
@@ -35,7 +37,8 @@ def init_app(app: Flask) -> None:
         def enqueue(pid: str, lane: str) -> None:
             send(celery, pid, lane)
 
-    app.extensions["pinfer"] = Pinfer(settings, store, enqueue, Waiters(store.r, settings.max_waiters))
+    app.extensions["pinfer"] = Pinfer(settings, store, enqueue, Waiters(store.r, settings.max_waiters),
+                                       ResultCache(store))
 
 
 def pinfer() -> Pinfer:

@@ -8,7 +8,9 @@ import logging
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api.errors import error_response
+from api.auth import caller, check_owner
 from api.extensions import pinfer
+from api.idempotency import fingerprint, idempotent
 from api.predictions import publish
 from api.requestlog import current_request_id
 from api.uploads import int_param, read_capped
@@ -26,8 +28,20 @@ def _job_json(job: Job) -> dict:
     return job.public(pinfer().store.job_rate(job))
 
 
+def _my_job(jid: str) -> Job:
+    """The job, or 404 when it is unknown or belongs to another API key."""
+    job = pinfer().store.get_job(jid)
+    check_owner(job.owner, f"job {jid}")
+    return job
+
+
 @bp.post("")
 def create():
+    fp = fingerprint("POST /v1/jobs", request.query_string, request.get_data(cache=True))
+    return idempotent("jobs", fp, _create)
+
+
+def _create():
     s = pinfer().settings
     body = request.get_json(silent=True) or {}
     if not isinstance(body, dict):
@@ -47,7 +61,7 @@ def create():
         raise InvalidWebhook("`webhook` must be a URL string")
     hook = webhooks.register(hook, s)
     jid = new_id()
-    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k, webhook=hook)))
+    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k, webhook=hook, owner=caller())))
     resp.status_code = 201
     resp.headers["Location"] = url_for("jobs.get", jid=jid)
     return resp
@@ -58,7 +72,7 @@ def add_images(jid: str):
     """Store and queue each file of the ``images`` field; stop at a backpressure bound with 429."""
     p = pinfer()
     s = p.settings
-    job = p.store.get_job(jid)
+    job = _my_job(jid)
     files = request.files.getlist("images")
     if not files:
         raise MissingImage("send the images as files in the multipart field `images`")
@@ -69,15 +83,16 @@ def add_images(jid: str):
     logs.set_context(job_id=jid)
     accepted, duplicates, rejected = [], [], []
     for f, name in zip(files, names):
-        error = None
+        error, content_sha, hit = None, None, None
         try:
             data = read_capped(f.stream, s)
             probe(data, s)
+            content_sha, hit = p.cache.lookup(data, job.top_k)
         except ImageError as exc:
             data, error = b"", exc.to_dict()
         try:
-            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error,
-                                 request_id=current_request_id())
+            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error, result=hit,
+                                 content_sha=content_sha, owner=caller(), request_id=current_request_id())
         except Overloaded as exc:
             return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
         entry = {"name": name, "id": sub.id}
@@ -85,6 +100,8 @@ def add_images(jid: str):
             duplicates.append(entry)
         elif error:
             rejected.append({**entry, "error": error})
+        elif hit is not None:  # answered from the result cache: already succeeded, nothing to queue
+            accepted.append({**entry, "cached": True})
         else:
             publish(sub.id, BULK)
             accepted.append(entry)
@@ -95,16 +112,18 @@ def add_images(jid: str):
 
 @bp.get("/<jid>")
 def get(jid: str):
-    return jsonify(_job_json(pinfer().store.get_job(jid)))
+    return jsonify(_job_json(_my_job(jid)))
 
 
 @bp.post("/<jid>/close")
 def close(jid: str):
+    _my_job(jid)
     return jsonify(_job_json(pinfer().store.close_job(jid)))
 
 
 @bp.delete("/<jid>")
 def cancel(jid: str):
+    _my_job(jid)
     return jsonify(_job_json(pinfer().store.cancel_job(jid)))
 
 
@@ -113,7 +132,7 @@ def results(jid: str):
     store = pinfer().store
     cursor = int_param(request, "cursor", 0, 0, 2**31)
     limit = int_param(request, "limit", 1000, 1, 10_000)
-    job = store.get_job(jid)  # 404 for unknown jobs; read before the list so "finished" is safe
+    job = _my_job(jid)  # 404 for unknown jobs; read before the list so "finished" is safe
     preds, nxt = store.job_results(jid, cursor, limit)
     body = "".join(json.dumps(p.result_line(), separators=(",", ":")) + "\n" for p in preds)
     resp = Response(body, mimetype="application/x-ndjson")

@@ -1,12 +1,15 @@
 """``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
 from flask import Blueprint, jsonify, request, url_for
 
+from api.auth import caller, check_owner
 from api.extensions import pinfer
+from api.idempotency import fingerprint, idempotent
 from api.requestlog import current_request_id
 from api.uploads import float_param, int_param, single_image
 from shared import logs, webhooks
@@ -40,17 +43,32 @@ def submit():
     s = p.settings
     data = single_image(request, s)  # before any form access: a raw body is not a form
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
-    probe(data, s)  # 415/413/422 from the header, without a full decode
     hook = request.args.get("webhook")
     if hook is None and request.mimetype == "multipart/form-data":
         hook = request.form.get("webhook")
-    hook = webhooks.register(hook, s)  # 400 invalid_webhook: malformed, private, or webhooks disabled
+    fp = fingerprint("POST /v1/predictions", str(top_k), hook or "", hashlib.sha256(data).digest())
+    return idempotent("predictions", fp, lambda: _submit(data, top_k, hook))
+
+
+def _submit(data: bytes, top_k: int, hook: str | None):
+    p = pinfer()
+    probe(data, p.settings)  # 415/413/422 from the header, without a full decode
+    hook = webhooks.register(hook, p.settings)  # 400 invalid_webhook: malformed, private, or webhooks disabled
     pid = new_id()
-    sub = p.store.submit(pid, data, top_k, INTERACTIVE, webhook=hook, request_id=current_request_id())
     logs.set_context(prediction_id=pid)
+    content_sha, hit = p.cache.lookup(data, top_k)
+    link = url_for("predictions.get", pid=pid)
+    if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
+        p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha, owner=caller(),
+                       webhook=hook, request_id=current_request_id())
+        log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data), "cached": True})
+        resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
+        resp.headers["Location"] = link
+        return resp
+    sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
+                         request_id=current_request_id())
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     publish(sub.id, INTERACTIVE)
-    link = url_for("predictions.get", pid=pid)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
                     "links": {"self": link}})
     resp.status_code = 202
@@ -65,6 +83,7 @@ def get(pid: str):
     rec = p.store.get(pid)
     if rec is None:
         raise NotFound(f"no prediction {pid} (unknown, or expired after PINFER_RESULT_TTL_S)")
+    check_owner(rec.owner, f"prediction {pid}")
     capped = False
     if wait > 0 and rec.status not in TERMINAL:
         deadline = time.monotonic() + wait

@@ -443,6 +443,7 @@ class Stack:
         self._remember(self.redis.popen.pid)
         self.full_env = {**os.environ, "PINFER_REDIS_URL": self.redis_url, "PINFER_MODEL_DIR": str(self.model_dir),
                          "PINFER_PRECISION": "fp32", "PINFER_RESIZE": "exact", "PYTHONUNBUFFERED": "1",
+                         "PINFER_CACHE_TTL_S": "0",  # benchmarks measure inference, not cache hits
                          **{k: str(v) for k, v in self.env.items()}}
         self.full_env.pop("PINFER_WORKERS", None)
         for _ in range(self.apis):

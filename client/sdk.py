@@ -4,11 +4,11 @@ It runs on laptops, so it needs only ``requests``: no torch, numpy, celery, redi
 packages. One pooled :class:`requests.Session` is shared by every call (and by threads), and each
 call retries what is safe to retry:
 
-* idempotent calls (every GET, ``close``, ``DELETE``, and uploads to a job, which the server
-  dedupes by name) retry on connection errors, timeouts, 5xx and 429;
-* calls that create something (``submit``, ``create_job``) retry only when the request cannot
-  have reached the server (the connection was never made) or the server said so (429, 503):
-  a blind retry after a dropped answer could classify an image twice or leave a stray job.
+* every call retries on connection errors, timeouts, 5xx and 429. Every POST carries an
+  ``Idempotency-Key`` (a new one per call, the same on its retries), so the server answers a
+  retried ``submit`` or ``create_job`` whose first answer was lost with that first answer: nothing
+  is classified twice and no stray job is left (uploads to a job are deduped by name as well).
+  A 409 ``idempotency_in_progress`` (the first try is still being handled) is retried too.
 
 Waits use exponential backoff with jitter, or the server's ``Retry-After`` when it sends one.
 """
@@ -18,6 +18,7 @@ import json
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -27,6 +28,11 @@ from urllib.parse import quote
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+#: Environment variable the API key is read from when none is passed (``Authorization: Bearer``).
+API_KEY_ENV = "PINFER_API_KEY"
+#: Sent with every POST (a new random key per call, the same on its retries).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 __all__ = [
     "AddResult",
@@ -204,10 +210,14 @@ class Client:
     def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 5,
                  session: requests.Session | None = None, *, backoff: float = 0.5,
                  backoff_max: float = 30.0, max_retry_after: float = 120.0, long_poll: float = 25.0,
-                 pool_size: int = 16, sleep: Callable[[float], Any] = time.sleep) -> None:
+                 pool_size: int = 16, sleep: Callable[[float], Any] = time.sleep,
+                 api_key: str | None = None) -> None:
         if "://" not in base_url:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
+        # From the environment by default, so `pinfer ingest` never needs the key on its command line
+        # (where `ps` and shell history would show it).
+        self._api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -252,6 +262,13 @@ class Client:
         ``ok``), raises ApiError / ApiUnreachable otherwise."""
         url = self.base_url + path
         timeout = (min(10.0, self.timeout), read_timeout or self.timeout)
+        if self._api_key:
+            kwargs["headers"] = {"Authorization": f"Bearer {self._api_key}", **(kwargs.get("headers") or {})}
+        if method == "POST":
+            # One key for every try of this call: the server answers a retry with the first answer,
+            # so a POST whose answer was lost (timeout, reset by a proxy) is safe to send again.
+            kwargs["headers"] = {IDEMPOTENCY_HEADER: uuid.uuid4().hex, **(kwargs.get("headers") or {})}
+            idempotent = True
         attempt = 0
         while True:
             try:
@@ -266,7 +283,8 @@ class Client:
                     return resp
                 err = ApiError.from_response(resp)
                 status = resp.status_code
-                retryable = (status == 429 and retry_429) or status == 503 or (idempotent and status >= 500)
+                retryable = ((status == 429 and retry_429) or status == 503 or (idempotent and status >= 500)
+                             or (status == 409 and err.code == "idempotency_in_progress"))
                 if not retryable or attempt >= self.retries:
                     raise err
                 if err.retry_after is not None:
@@ -297,7 +315,7 @@ class Client:
         """Queue one image; returns the 202 record (``id``, ``status: queued``, ...)."""
         data, filename = _read_image(image)
         form = {} if top_k is None else {"top_k": str(top_k)}
-        resp = self._request("POST", "/v1/predictions", idempotent=False, data=form,
+        resp = self._request("POST", "/v1/predictions", idempotent=True, data=form,
                              files={"image": (filename, data, "application/octet-stream")})
         return self._json(resp)
 
@@ -343,7 +361,7 @@ class Client:
     def create_job(self, name: str | None = None, top_k: int | None = None) -> dict:
         """Create an open job; returns the job record."""
         body = {k: v for k, v in (("name", name), ("top_k", top_k)) if v is not None}
-        return self._json(self._request("POST", "/v1/jobs", idempotent=False, json=body))
+        return self._json(self._request("POST", "/v1/jobs", idempotent=True, json=body))
 
     def add_images(self, job_id: str, items: Sequence[tuple[str, bytes]], *,
                    overload_retries: int | None = None) -> AddResult:

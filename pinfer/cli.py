@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ commands:
   export-model   build the TorchScript artifact + manifest (see --help)
   ingest         classify a folder of photos through a running API (see --help)
   settings       print the settings (--markdown for the README table)
+  api-key NAME   make an API key, add its hash to PINFER_API_KEYS_FILE (or --file PATH), print the key once
 """
 
 
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         run = _up
     elif cmd == "settings":
         run = _settings
+    elif cmd == "api-key":
+        run = _api_key
     else:
         print(f"pinfer: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -55,6 +57,39 @@ def _settings(argv: list[str]) -> int:
     s = Settings.from_env()
     for f in fields(s):
         print(f"{f.metadata['env']}={getattr(s, f.name)}")
+    return 0
+
+
+def _api_key(argv: list[str]) -> int:
+    """Append ``NAME sha256(key)`` to the keys file and print the key: it is shown only this once."""
+    import argparse
+    import re
+    import secrets
+
+    from api.auth import hash_key
+    from shared.settings import Settings
+
+    parser = argparse.ArgumentParser(prog="pinfer api-key")
+    parser.add_argument("name", help="who the key is for (letters, digits, . _ -)")
+    parser.add_argument("--file", default=None, help="keys file (default: PINFER_API_KEYS_FILE)")
+    args = parser.parse_args(argv)
+    path = Path(args.file or Settings.from_env().api_keys_file or "")
+    if not str(path) or str(path) == ".":
+        print("pinfer api-key: set PINFER_API_KEYS_FILE or pass --file", file=sys.stderr)
+        return 2
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.name):
+        print("pinfer api-key: NAME must be 1-64 of letters, digits, '.', '_', '-'", file=sys.stderr)
+        return 2
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    if args.name in {ln.split()[0] for ln in lines if ln.split() and not ln.lstrip().startswith("#")}:
+        print(f"pinfer api-key: {args.name!r} already has a key in {path}", file=sys.stderr)
+        return 1
+    key = "pk_" + secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{args.name} {hash_key(key)}\n")
+    print(key)
     return 0
 
 
@@ -109,10 +144,16 @@ def _up(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         if not os.environ.get("PINFER_REDIS_URL"):
-            redis_proc, url = start_redis(Path(tempfile.mkdtemp(prefix="pinfer-redis-")))
+            data = settings.data_path()
+            lock = _lock_data_dir(data)
+            if lock is None:
+                print(f"pinfer: another `pinfer up` is using {data}; stop it, or set PINFER_DATA_DIR "
+                      "to another folder", file=sys.stderr)
+                return 1
+            redis_proc, url = start_redis(data, durable=True, maxmemory=settings.derived_redis_maxmemory())
             procs.append(redis_proc)
             env["PINFER_REDIS_URL"] = url
-            log.info("started a private redis-server at %s", url)
+            log.info("started a private redis-server at %s, data in %s (PINFER_DATA_DIR)", url, data)
         procs.append(start_workers(env, run_dir / "workers.log"))
         procs.append(start_api(env, settings.port, run_dir / "api.log"))
         base = f"http://127.0.0.1:{settings.port}"
@@ -145,6 +186,25 @@ def _up(argv: list[str]) -> int:
         for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
             p.stop(signal.SIGTERM, 60)
         log.info("stopped")
+
+
+def _lock_data_dir(data: Path):
+    """Hold an exclusive lock on the data folder for this process's life (two Redis servers writing
+    one append-only file would corrupt it); None when another process holds it."""
+    import fcntl
+
+    data.mkdir(parents=True, exist_ok=True)
+    f = open(data / "pinfer-up.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    _HELD_LOCKS.append(f)  # released by the kernel when this process exits, however it exits
+    return f
+
+
+_HELD_LOCKS: list = []
 
 
 if __name__ == "__main__":

@@ -81,12 +81,28 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
-    """A private redis-server on loopback, configured as a broker must be (noeviction, AOF off)."""
+def redis_persistence_args(durable: bool, maxmemory: int = 0) -> list[str]:
+    """``durable``: append-only file, fsynced every second. A crash of Redis, or of everything, loses
+    nothing (each write reaches the file before Redis answers); only a power cut can lose the last
+    second. ``noeviction`` always: a broker must refuse writes, never drop keys, when full."""
+    args = ["--save", "", "--maxmemory-policy", "noeviction"]
+    if durable:
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+    else:
+        args += ["--appendonly", "no"]
+    if maxmemory:
+        args += ["--maxmemory", str(maxmemory)]
+    return args
+
+
+def start_redis(workdir: Path, port: int | None = None, durable: bool = False,
+                maxmemory: int = 0) -> tuple[Proc, str]:
+    """A private redis-server on loopback with its files in ``workdir``, configured as a broker must
+    be (noeviction); ``durable`` keeps its data there across restarts (AOF, see above)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    cmd = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(workdir),
+    cmd = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+           *redis_persistence_args(durable, maxmemory), "--dir", str(workdir),
            "--logfile", str(workdir / "redis.log"), "--daemonize", "no"]
     # Its own session: a Ctrl-C in the terminal must not stop Redis before the workers have
     # finished their batches (they need it to store results); it still dies with its parent.
@@ -97,7 +113,8 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[Proc, str]:
 
     client = redis.Redis.from_url(url)
     try:
-        wait_until(client.ping, 20, "redis-server", p)
+        # ping answers LOADING while a large AOF is replayed: wait until it is really up
+        wait_until(client.ping, 300 if durable else 20, "redis-server", p)
     except BaseException:
         p.kill()
         p.wait(5)

@@ -52,6 +52,13 @@ class MissingImage(BadRequest):
     code = "missing_image"
 
 
+class Unauthorized(PinferError):
+    """Raised when API keys are on and a ``/v1`` call has no valid ``Authorization: Bearer`` key."""
+
+    code = "unauthorized"
+    status = 401
+
+
 class NotFound(PinferError):
     """Raised when a prediction or job ID is unknown or its record has expired."""
 
@@ -64,6 +71,26 @@ class Conflict(PinferError):
 
     code = "conflict"
     status = 409
+
+
+class IdempotencyMismatch(PinferError):
+    """Raised when an ``Idempotency-Key`` is reused with a different request: the key names one
+    request, so the second is refused rather than silently answered with the first one's result."""
+
+    code = "idempotency_mismatch"
+    status = 422
+
+
+class IdempotencyInProgress(PinferError):
+    """Raised when a request with the same ``Idempotency-Key`` is still being handled; retry after
+    ``retry_after_s`` to get its answer."""
+
+    code = "idempotency_in_progress"
+    status = 409
+
+    def __init__(self, message: str, retry_after_s: int = 1, **details: object) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
 
 
 # --- image errors: at submit (from the header) or in the worker (full decode) -------------------
@@ -129,10 +156,15 @@ class Overloaded(PinferError):
 
 
 class ServiceUnavailable(PinferError):
-    """Raised when Redis or the broker cannot be reached; nothing was accepted."""
+    """Raised when Redis or the broker cannot be reached; nothing was accepted. ``retry_after_s`` tells
+    the client when to try again (sent as ``Retry-After``), so clients back off instead of hammering."""
 
     code = "service_unavailable"
     status = 503
+
+    def __init__(self, message: str, retry_after_s: int = 2, **details: object) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
 
 
 # --- worker-side terminal failures ---------------------------------------------------------------

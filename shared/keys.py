@@ -105,3 +105,23 @@ def webhook_attempts(event: str) -> str:
 #: Sorted set: job ID -> created_at, the index of jobs for the dashboard and the jobs-by-status
 #: metric (trimmed to PINFER_RESULT_TTL_S, the life of a job record).
 JOBS = PREFIX + "jobs"
+def cache(digest: str) -> str:
+    """String with a TTL: a stored result (JSON) for the content digest of (bytes, model sha256,
+    precision, resize mode, top_k); see ``shared.store.cache_digest``."""
+    return f"{PREFIX}cache:{digest}"
+
+
+#: Sorted set: cache digest -> when it was stored; bounds the cache's size (oldest removed first).
+CACHE_INDEX = PREFIX + "cache-index"
+
+
+def idempotency(scope: str, route: str, key: str) -> str:
+    """Hash with a TTL: the answer to the request sent with ``Idempotency-Key: key`` to ``route`` by
+    the client ``scope`` (its API key's name; keys of different clients never meet)."""
+    return f"{PREFIX}idem:{scope}:{route}:{key}"
+
+
+def key_pending(name: str) -> str:
+    """Sorted set: the API key ``name``'s prediction IDs not yet classified (its own pending bound).
+    Always PENDING + ":" + name: the transition script derives it from a record's ``owner``."""
+    return f"{PENDING}:{name}"

@@ -8,10 +8,12 @@ ARGV because a prediction only learns its job ID inside the script (single-node 
 """
 
 # KEYS: 1 pending, 2 pred, 3 image, 4 job, 5 job_pending, 6 job_items, 7 job_names, 8 job_done,
-#       9 interactive-recent marker ('' for bulk)
+#       9 interactive-recent marker ('' for bulk), 10 the API key's pending set ('' without keys),
+#       11 webhook outbox ('' without a webhook)
 # ARGV: 1 id, 2 now, 3 max_pending, 4 image_ttl, 5 result_ttl, 6 bytes, 7 job_max_pending,
-#       8 name, 9 status ('queued' or 'failed' for an image rejected at submit),
-#       10 interactive window seconds, 11.. field pairs
+#       8 name, 9 status ('queued', 'failed' for an image rejected at submit, 'succeeded' for a cache hit),
+#       10 interactive window seconds, 11.. field pairs; the API key's bound is the field pair
+#       'key_max_pending' (read here, not stored)
 SUBMIT = """
 local id, now = ARGV[1], tonumber(ARGV[2])
 local has_job = KEYS[4] ~= ''
@@ -30,13 +32,22 @@ if status == 'queued' then
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
     if redis.call('ZCARD', KEYS[5]) >= tonumber(ARGV[7]) then return {'overloaded', 'job'} end
   end
+  if KEYS[10] and KEYS[10] ~= '' then
+    local key_max = 0
+    for i = 11, #ARGV, 2 do if ARGV[i] == 'key_max_pending' then key_max = tonumber(ARGV[i + 1]) end end
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+    if redis.call('ZCARD', KEYS[10]) >= key_max then return {'overloaded', 'key'} end
+    redis.call('ZADD', KEYS[10], now + tonumber(ARGV[4]), id)
+  end
   local expires = now + tonumber(ARGV[4])
   redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[4])
   redis.call('ZADD', KEYS[1], expires, id)
   if has_job then redis.call('ZADD', KEYS[5], expires, id) end
 end
 local fields = {}
-for i = 11, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 11, #ARGV, 2 do
+  if ARGV[i] ~= 'key_max_pending' then fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1] end
+end
 redis.call('HSET', KEYS[2], 'status', status, unpack(fields))
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if KEYS[9] ~= '' then redis.call('SET', KEYS[9], '1', 'EX', ARGV[10]) end
@@ -47,6 +58,10 @@ if has_job then
   redis.call('HINCRBY', KEYS[4], status, 1)
   if status ~= 'queued' then redis.call('RPUSH', KEYS[8], id) end
   for i = 5, 8 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+end
+if status ~= 'queued' and (KEYS[11] or '') ~= '' and redis.call('HEXISTS', KEYS[2], 'webhook') == 1 then
+  redis.call('HSET', KEYS[2], 'webhook_status', 'pending')  -- terminal at once (a cache hit): tell now
+  redis.call('RPUSH', KEYS[11], 'p:' .. id)
 end
 return {'ok'}
 """
@@ -91,6 +106,8 @@ end
 if terminal then
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[3], ARGV[1])
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if owner and owner ~= '' then redis.call('ZREM', KEYS[3] .. ':' .. owner, ARGV[1]) end
   redis.call('EXPIRE', KEYS[1], ARGV[7])
   redis.call('PUBLISH', ARGV[6], ARGV[1])
   if cur ~= to and (KEYS[4] or '') ~= '' and redis.call('HEXISTS', KEYS[1], 'webhook') == 1 then
@@ -165,4 +182,36 @@ local ev = redis.call('LPOP', KEYS[1])
 if not ev then return false end
 redis.call('ZADD', KEYS[3], tonumber(ARGV[1]) + tonumber(ARGV[2]), ev)
 return ev
+"""
+
+# KEYS: 1 cache index.  ARGV: 1 now, 2 ttl, 3 max entries, 4 key prefix of entries,
+#       5.. (digest, result JSON) pairs.
+# Stores results for reuse and keeps the cache within its bound (Redis runs noeviction, so the
+# cache must make room itself): expired index entries are dropped, then the oldest beyond the bound.
+CACHE_PUT = """
+local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 5, #ARGV, 2 do
+  redis.call('SET', ARGV[4] .. ARGV[i], ARGV[i + 1], 'EX', ttl)
+  redis.call('ZADD', KEYS[1], now, ARGV[i])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+local over = redis.call('ZCARD', KEYS[1]) - max
+if over > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[1], over)
+  for i = 1, #old, 2 do redis.call('DEL', ARGV[4] .. old[i]) end
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+return over
+"""
+
+# KEYS: 1 idempotency record.  ARGV: 1 request fingerprint, 2 seconds a pending claim lives.
+# The first request with a key claims it ('new'); later ones get the record to replay or refuse.
+IDEMPOTENCY_BEGIN = """
+if redis.call('HSETNX', KEYS[1], 'fingerprint', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'pending')
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'new'}
+end
+local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'status', 'body', 'location')
+return {'seen', h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or ''}
 """

@@ -48,6 +48,8 @@ class Prediction:
     enqueued_at: float | None = None  # last time its ID was published (the sweeper republishes)
     webhook: dict | None = None  # {"url", "status", "attempts"}: filled by Store.get when one is registered
     request_id: str | None = None  # X-Request-ID of the upload, for the worker's log lines
+    content_sha: str | None = None  # sha256 of the uploaded bytes (result cache), when the cache is on
+    owner: str | None = None  # name of the API key that created it (None without API keys)
 
     @classmethod
     def from_redis(cls, pid: str, raw: dict[str, str]) -> "Prediction":
@@ -71,6 +73,8 @@ class Prediction:
             error=err,
             enqueued_at=_f(raw, "enqueued_at") or float(raw["created_at"]),
             request_id=raw.get("request_id") or None,
+            content_sha=raw.get("sha") or None,
+            owner=raw.get("owner") or None,
         )
 
     def public(self) -> dict[str, Any]:
@@ -108,6 +112,7 @@ class Job:
     finished_at: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
     webhook: dict | None = None  # {"url", "status", "attempts"}: filled by Store.get_job when one is registered
+    owner: str | None = None  # name of the API key that created it (None without API keys)
 
     @classmethod
     def from_redis(cls, jid: str, raw: dict[str, str]) -> "Job":
@@ -115,7 +120,8 @@ class Job:
         counts["total"] = int(raw.get("total", 0) or 0)
         return cls(id=jid, status=raw["status"], created_at=float(raw["created_at"]),
                    top_k=int(raw.get("top_k", 5)), name=raw.get("name") or None,
-                   closed_at=_f(raw, "closed_at"), finished_at=_f(raw, "finished_at"), counts=counts)
+                   closed_at=_f(raw, "closed_at"), finished_at=_f(raw, "finished_at"), counts=counts,
+                   owner=raw.get("owner") or None)
 
     def public(self, rate_per_s: float | None = None) -> dict[str, Any]:
         remaining = self.counts.get(QUEUED, 0) + self.counts.get(RUNNING, 0)

@@ -33,6 +33,23 @@ class Settings:
                                   "else 503 `service_unavailable`: bounds what a failover can lose. 0 = off.")
     redis_wait_timeout_ms: int = _s("PINFER_REDIS_WAIT_TIMEOUT_MS", 500,
                                     "How long a submission waits for PINFER_REDIS_WAIT_REPLICAS replicas.")
+    data_dir: str = _s("PINFER_DATA_DIR", "",
+                       "Folder where `pinfer up` keeps its private Redis's data (append-only file), so a restart "
+                       "resumes queued images, jobs and results. Empty = `$XDG_DATA_HOME/pinfer/<checkout>-<hash "
+                       "of the checkout path>` (`~/.local/share/…`): survives reboots, and two checkouts never "
+                       "share one by accident.")
+    redis_maxmemory: int = _s("PINFER_REDIS_MAXMEMORY", 0,
+                              "`maxmemory` (bytes) of the private Redis of `pinfer up` (`noeviction`: when full, "
+                              "submissions get 503 and nothing stored is dropped). 0 = derived from the pending "
+                              "bound: PINFER_MAX_PENDING_IMAGES x PINFER_MAX_UPLOAD_BYTES + 512 MiB, at most half "
+                              "the machine's memory.")
+    api_keys_file: str = _s("PINFER_API_KEYS_FILE", "",
+                            "File of API keys (`pinfer api-key NAME` adds one; only sha256 hashes are stored). "
+                            "Set: every `/v1` call needs `Authorization: Bearer <key>` and sees only what its key "
+                            "created. Empty: no authentication (the loopback default of `make up`).")
+    max_pending_per_key: int = _s("PINFER_MAX_PENDING_PER_KEY", 5_000,
+                                  "Images of one API key stored but not yet classified (429 `overloaded`); only "
+                                  "with PINFER_API_KEYS_FILE.")
     # --- upload limits -----------------------------------------------------------------------
     max_upload_bytes: int = _s("PINFER_MAX_UPLOAD_BYTES", 20 * MiB, "Largest accepted upload (413 `image_too_large`).")
     max_pixels: int = _s("PINFER_MAX_PIXELS", 50_000_000,
@@ -49,13 +66,19 @@ class Settings:
     result_ttl_s: int = _s("PINFER_RESULT_TTL_S", 86_400, "How long prediction and job records live.")
     image_ttl_s: int = _s("PINFER_IMAGE_TTL_S", 86_400,
                           "How long uploaded bytes wait for a worker; past it the image fails `image_expired`.")
+    cache_ttl_s: int = _s("PINFER_CACHE_TTL_S", 86_400,
+                          "How long a result is reused for an identical upload (same bytes, model sha256, "
+                          "precision, resize mode and `top_k`): answered `succeeded` at once with `cached: true`, "
+                          "no inference. 0 turns the cache off.")
+    cache_max_entries: int = _s("PINFER_CACHE_MAX_ENTRIES", 50_000,
+                                "Most results kept in the cache (about 1-2 KB each); the oldest go first.")
     # --- backpressure ------------------------------------------------------------------------
     max_pending_images: int = _s("PINFER_MAX_PENDING_IMAGES", 20_000,
                                  "Images stored but not yet classified, all clients together (429 `overloaded`). "
                                  "Redis memory is bounded by this x the upload size.")
     max_pending_per_job: int = _s("PINFER_MAX_PENDING_PER_JOB", 2_000,
                                   "Images of one bulk job stored but not yet classified (429 `overloaded`).")
-    retry_after_s: int = _s("PINFER_RETRY_AFTER_S", 2, "`Retry-After` sent with a 429.")
+    retry_after_s: int = _s("PINFER_RETRY_AFTER_S", 2, "`Retry-After` sent with a 429 (overloaded) or 503 (Redis unreachable).")
     # --- model / inference -------------------------------------------------------------------
     model_dir: str = _s("PINFER_MODEL_DIR", str(PROJECT_ROOT / "weights" / "build"),
                         "Folder holding `manifest.json` and the `model-<sha>.pt` it names, written by `pinfer export-model`.")
@@ -160,7 +183,7 @@ class Settings:
                 raise ValueError(f"{f.metadata['env']} must be one of {', '.join(choices)}, "
                                  f"not {getattr(self, f.name)!r}")
         for name in ("max_upload_bytes", "max_pixels", "max_batch", "max_top_k", "max_deliveries", "bulk_chunk",
-                     "interactive_window_s"):
+                     "interactive_window_s", "cache_max_entries", "max_pending_per_key"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
         if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms < 1:
@@ -177,11 +200,39 @@ class Settings:
         validate_url(self.redis_url)
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("PINFER_METRICS_PORT must be a port number (0 turns the worker endpoints off)")
+        if self.cache_ttl_s < 0:
+            raise ValueError("PINFER_CACHE_TTL_S must be 0 (off) or a number of seconds")
+        if self.redis_maxmemory < 0:
+            raise ValueError("PINFER_REDIS_MAXMEMORY must be 0 (derived) or a number of bytes")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:
             raise ValueError("PINFER_BATCH_TIME_LIMIT_S must be below PINFER_VISIBILITY_TIMEOUT_S: a batch still "
                              "running when its messages become visible again would be delivered twice")
+
+    def data_path(self, environ: Mapping[str, str] | None = None) -> Path:
+        """The private Redis's data folder: PINFER_DATA_DIR, else one per checkout under the XDG data
+        dir (a hash of the checkout's path keeps two checkouts apart; the name keeps it readable)."""
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        env = os.environ if environ is None else environ
+        base = Path(env.get("XDG_DATA_HOME") or Path(env.get("HOME") or Path.home()) / ".local" / "share")
+        import hashlib
+
+        tag = hashlib.sha256(str(PROJECT_ROOT).encode()).hexdigest()[:12]
+        return base / "pinfer" / f"{PROJECT_ROOT.name}-{tag}"
+
+    def derived_redis_maxmemory(self) -> int:
+        """PINFER_REDIS_MAXMEMORY, or enough for the pending bound of full-size uploads plus records,
+        capped at half the physical memory (Redis refusing writes beats the kernel's OOM killer)."""
+        if self.redis_maxmemory:
+            return self.redis_maxmemory
+        want = self.max_pending_images * self.max_upload_bytes + 512 * MiB
+        try:
+            half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        except (ValueError, OSError, AttributeError):
+            return want
+        return min(want, half)
 
     @property
     def manifest_path(self) -> Path:

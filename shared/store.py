@@ -5,6 +5,7 @@ Both the API and the worker go through ``Store``; every state change runs one of
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import redis
 from shared import connections, keys, lua
 from shared.errors import Conflict, NotFound, Overloaded, ServiceUnavailable
 from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
-                           Job, Prediction)
+                           SUCCEEDED, Job, Prediction)
 from shared.settings import Settings
 
 
@@ -33,6 +34,13 @@ class Transitioned:
     outcome: str  # "ok" | "skip" (status was not an allowed source) | "missing"
     previous: str
     attempts: int
+
+
+def cache_digest(content_sha256: str, model_sha256: str, precision: str, resize: str, top_k: int) -> str:
+    """The result cache's key: everything that decides a result. The same bytes under another model,
+    precision, resize mode or ``top_k`` is another entry, so a roll-out never serves an old model's
+    answer as the new one's."""
+    return hashlib.sha256(f"{content_sha256}|{model_sha256}|{precision}|{resize}|{top_k}".encode()).hexdigest()
 
 
 def connect(url: str, decode: bool = True) -> redis.Redis:
@@ -55,25 +63,37 @@ class Store:
         self._lease = self.r.register_script(lua.LEASE_CORE)
         self._mark = self.r.register_script(lua.MARK_IN_FLIGHT)
         self._webhook_claim = self.r.register_script(lua.WEBHOOK_CLAIM)
+        self._cache_put = self.r.register_script(lua.CACHE_PUT)
+        self._idem_begin = self.r.register_script(lua.IDEMPOTENCY_BEGIN)
 
     # ------------------------------------------------------------------ predictions
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
-               name: str | None = None, error: dict | None = None, webhook: str | None = None,
+               name: str | None = None, error: dict | None = None, result: dict | None = None,
+               content_sha: str | None = None, owner: str | None = None, webhook: str | None = None,
                request_id: str | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
-        results have one line per image sent. Raises Overloaded, NotFound or Conflict.
+        results have one line per image sent. ``result`` records a result cache hit: the image is
+        ``succeeded`` at once, nothing is stored or queued, and no bound applies. ``content_sha``
+        (sha256 of the bytes) lets the worker fill the cache. ``owner`` (the API key's name) owns the
+        record and is held to PINFER_MAX_PENDING_PER_KEY. Raises Overloaded, NotFound or Conflict.
         """
         now = time.time()
-        status = FAILED if error else QUEUED
+        status = FAILED if error else SUCCEEDED if result is not None else QUEUED
         fields = ["created_at", repr(now), "top_k", str(top_k), "lane", lane, "attempts", "0", "size", str(len(data))]
         if job_id:
             fields += ["job_id", job_id, "name", name or ""]
         if request_id:  # follows the image into the worker's log lines
             fields += ["request_id", request_id]
+        if content_sha:
+            fields += ["sha", content_sha]
+        if owner:
+            fields += ["owner", owner, "key_max_pending", str(self.settings.max_pending_per_key)]
         if error:
             fields += ["error_code", error["code"], "error_message", error["message"], "finished_at", repr(now)]
+        elif result is not None:
+            fields += ["result", _str(result), "started_at", repr(now), "finished_at", repr(now)]
         if webhook:
             fields += ["webhook", webhook]
         jkeys = ([keys.job(job_id), keys.job_pending(job_id), keys.job_items(job_id), keys.job_names(job_id),
@@ -81,22 +101,25 @@ class Store:
         s = self.settings
         res = self._submit(
             keys=[keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys,
-                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE else ""],
-            args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if not error else b"",
+                  keys.INTERACTIVE_RECENT if lane == INTERACTIVE and status == QUEUED else "",
+                  keys.key_pending(owner) if owner else "", keys.WEBHOOK_OUTBOX if webhook else ""],
+            args=[pid, now, s.max_pending_images, s.image_ttl_s, s.result_ttl_s, data if status == QUEUED else b"",
                   s.max_pending_per_job, name or "", status, s.interactive_window_s, *fields])
         outcome = res[0]
         if outcome == "ok":
             self._replicated("the upload")
-            if error:
+            if status != QUEUED:
                 self.r.publish(keys.DONE_CHANNEL, pid)
             return Submitted("ok", pid, now)
         if outcome == "duplicate":
             return Submitted("duplicate", res[1])
         if outcome == "overloaded":
             scope = res[1]
-            limit = s.max_pending_images if scope == "global" else s.max_pending_per_job
+            limit, where = {"global": (s.max_pending_images, "in total"),
+                            "job": (s.max_pending_per_job, "in this job"),
+                            "key": (s.max_pending_per_key, "for this API key")}[scope]
             raise Overloaded(f"{limit} images are already waiting to be classified "
-                             f"({'in total' if scope == 'global' else 'in this job'}); retry after "
+                             f"({where}); retry after "
                              f"{s.retry_after_s} s", retry_after_s=s.retry_after_s, scope=scope)
         if outcome == "no_job":
             raise NotFound(f"job {job_id} does not exist or has expired")
@@ -209,10 +232,47 @@ class Store:
                    bump_attempts: bool = False) -> Transitioned:
         return self.transition_many([(pid, to, allowed, fields or {}, bump_attempts)])[0]
 
+    # ------------------------------------------------------------------ result cache
+    def cache_get(self, digest: str) -> dict | None:
+        """The cached result for ``digest`` (see ``cache_digest``), or None."""
+        raw = self.r.get(keys.cache(digest))
+        return json.loads(raw) if raw else None
+
+    def cache_put(self, entries: Sequence[tuple[str, dict]]) -> None:
+        """Keep results for reuse, for PINFER_CACHE_TTL_S, at most PINFER_CACHE_MAX_ENTRIES of them."""
+        s = self.settings
+        if not entries or s.cache_ttl_s <= 0:
+            return
+        flat = [x for d, res in entries for x in (d, _str(res))]
+        self._cache_put(keys=[keys.CACHE_INDEX], args=[time.time(), s.cache_ttl_s, s.cache_max_entries,
+                                                       keys.cache(""), *flat])
+
+    # ------------------------------------------------------------------ idempotency
+    def idempotency_begin(self, key: str, fingerprint: str, pending_s: int) -> dict | None:
+        """Claim ``key`` (a ``keys.idempotency`` key) for a request: None when this is the first
+        request with it, else the stored record (fingerprint, state, status, body, location)."""
+        res = self._idem_begin(keys=[key], args=[fingerprint, pending_s])
+        if res[0] == "new":
+            return None
+        return dict(zip(("fingerprint", "state", "status", "body", "location"), res[1:]))
+
+    def idempotency_finish(self, key: str, status: int, body: str, location: str) -> None:
+        """Record the answer to replay, for PINFER_RESULT_TTL_S (as long as the prediction lives)."""
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"state": "done", "status": status, "body": body, "location": location})
+        pipe.expire(key, self.settings.result_ttl_s)
+        pipe.execute()
+
+    def idempotency_abort(self, key: str) -> None:
+        """Forget a claim whose request failed, so that a retry runs it again."""
+        self.r.delete(key)
+
     # ------------------------------------------------------------------ jobs
-    def create_job(self, jid: str, name: str | None, top_k: int, webhook: str | None = None) -> Job:
+    def create_job(self, jid: str, name: str | None, top_k: int, webhook: str | None = None,
+                   owner: str | None = None) -> Job:
         now = time.time()
-        mapping = {"status": JOB_OPEN, "created_at": repr(now), "top_k": top_k, "name": name or "", "total": 0}
+        mapping = {"status": JOB_OPEN, "created_at": repr(now), "top_k": top_k, "name": name or "", "total": 0,
+                   "owner": owner or ""}
         if webhook:
             mapping["webhook"] = webhook
         pipe = self.r.pipeline()

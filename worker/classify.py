@@ -35,7 +35,7 @@ from shared.errors import ImageExpired, ImageError, InferenceError, PinferError,
 from shared.labels import load_labels
 from shared.schema import FAILED, INTERACTIVE, QUEUED, RUNNING, SUCCEEDED
 from shared.settings import Settings
-from shared.store import Store
+from shared.store import Store, cache_digest
 from shared.transforms import preprocess
 from worker import metrics as m
 
@@ -66,6 +66,7 @@ class _Claimed:
     top_k: int = 5
     request_id: str | None = None
     job_id: str | None = None
+    content_sha: str | None = None  # set by the API when the result cache is on
 
 
 class Classifier:
@@ -126,7 +127,8 @@ class Classifier:
         for item, rec in zip(mine, self.store.get_many([i.pid for i in mine])):
             if rec is None:
                 continue
-            c = _Claimed(item, rec.runs, rec.alone_runs, rec.created_at, now, rec.top_k, rec.request_id, rec.job_id)
+            c = _Claimed(item, rec.runs, rec.alone_runs, rec.created_at, now, rec.top_k, rec.request_id, rec.job_id,
+                         rec.content_sha)
             m.QUEUE_WAIT.labels(item.lane).observe(max(0.0, now - rec.created_at))
             if c.runs >= self.s.max_deliveries and c.alone_runs > 0:
                 crashed.append(c)
@@ -176,7 +178,7 @@ class Classifier:
     def _store_results(self, group: list[_Claimed], probs: np.ndarray, infer_ms: float) -> None:
         now = time.time()
         model = self.runtime.info.public()
-        changes = []
+        changes, cacheable = [], []
         for c, p in zip(group, probs):
             idx, scores = self.runtime.top_k(p, c.top_k)
             result = {
@@ -186,8 +188,12 @@ class Classifier:
                 "timings": {"queued_ms": round((c.started_at - c.created_at) * 1000, 2),
                             "inference_ms": round(infer_ms, 2), "batch_size": len(group),
                             "total_ms": round((now - c.created_at) * 1000, 2)},
+                "cached": False,
             }
             changes.append((c.item.pid, SUCCEEDED, (RUNNING,), {"result": result, "finished_at": now}, False))
+            if c.content_sha:
+                cacheable.append((cache_digest(c.content_sha, model["sha256"], model["precision"], self.s.resize,
+                                               c.top_k), {k: v for k, v in result.items() if k != "timings"}))
         stored = self.store.transition_many(changes)
         for c, t in zip(group, stored):
             if t.outcome != "ok":  # canceled meanwhile: not this worker's result
@@ -197,6 +203,11 @@ class Classifier:
             with logs.bind(request_id=c.request_id, prediction_id=c.item.pid, job_id=c.job_id):
                 log.info("classified", extra={"duration_ms": round((now - c.created_at) * 1000, 2),
                                               "batch_size": len(group), "inference_ms": round(infer_ms, 2)})
+        if cacheable:
+            try:  # the results are stored; a cache that cannot be filled only costs a later inference
+                self.store.cache_put(cacheable)
+            except Exception as exc:
+                log.warning("result cache not updated: %s", exc)
 
     def _fail(self, failures: list[tuple[_Claimed, PinferError]]) -> None:
         now = time.time()

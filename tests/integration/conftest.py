@@ -92,7 +92,9 @@ def make_stack(tmp_path_factory, model_dir) -> Iterator[Callable[..., Stack]]:
         env = {**os.environ, "PINFER_REDIS_URL": url, "PINFER_MODEL_DIR": str(model_dir),
                "PINFER_WORKERS": str(workers), "PINFER_PRECISION": "fp32", "PINFER_RESIZE": "exact",
                "PINFER_API_PROCESSES": "2", "PINFER_API_THREADS": "32", "PINFER_MAX_WAITERS": "24",
-               "PYTHONUNBUFFERED": "1"}
+               # the result cache off: these tests resubmit images and must see real inference
+               # (tests/integration/test_cache.py turns it on)
+               "PINFER_CACHE_TTL_S": "0", "PYTHONUNBUFFERED": "1"}
         env.update({k: str(v) for k, v in env_overrides.items()})
         port = free_port()
         stack = Stack(f"http://127.0.0.1:{port}", url, env, workdir, [redis_proc])

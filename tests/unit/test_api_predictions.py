@@ -205,13 +205,14 @@ def test_broker_failure_still_accepts_and_leaves_the_record_for_the_sweeper(clie
     assert recorder.calls == []
 
 
-def test_redis_down_is_503_service_unavailable(make_app, settings, recorder, images):
+def test_redis_down_is_503_service_unavailable_with_retry_after(make_app, settings, recorder, images):
     down = fakeredis.FakeServer()
     down.connected = False
-    client = make_app(settings, redis_server=down).test_client()
+    client = make_app(settings.replace(retry_after_s=4), redis_server=down).test_client()
 
-    assert_error(client.post("/v1/predictions", data=images.jpeg(), content_type="image/jpeg"),
-                 503, "service_unavailable")
+    refused = client.post("/v1/predictions", data=images.jpeg(), content_type="image/jpeg")
+    assert_error(refused, 503, "service_unavailable")
+    assert refused.headers["Retry-After"] == "4"
     assert_error(client.get("/v1/predictions/AAAAAAAAAAAAAAAAAAAAAA"), 503, "service_unavailable")
     assert recorder.calls == []
     ready = client.get("/readyz")

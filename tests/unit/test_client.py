@@ -147,13 +147,21 @@ def test_submit_gives_up_after_bounded_429s(fake):
     assert fake.count("POST", "/v1/predictions") == 3 and len(sleeps) == 2
 
 
-def test_submit_not_retried_when_the_answer_is_lost(fake):
-    """The request reached the server: retrying could classify the image twice."""
+def test_submit_retried_with_the_same_idempotency_key_when_the_answer_is_lost(fake):
+    """The request reached the server and its answer was lost: the retry carries the same
+    Idempotency-Key, so the server answers with the first prediction instead of making a second."""
     fake.drop_next(1, method="POST", path_prefix="/v1/predictions")
     c = make_client(fake, sleep=Sleeps())
-    with pytest.raises(ApiUnreachable):
-        c.submit(PNG)
-    assert fake.count("POST", "/v1/predictions") == 1
+    first = c.submit(PNG)
+    assert fake.count("POST", "/v1/predictions") == 2 and len(fake.predictions) == 1
+    sent = [k for m, p, k in fake.idempotency_keys if m == "POST" and p == "/v1/predictions"]
+    assert sent[0] and sent[0] == sent[1]
+    assert first["id"] in fake.predictions
+    c.submit(PNG)  # a new call is a new request: a new key
+    sent = [k for m, p, k in fake.idempotency_keys if m == "POST" and p == "/v1/predictions"]
+    assert sent[2] != sent[0] and len(fake.predictions) == 2
+    c.create_job("j")
+    assert all(k for m, p, k in fake.idempotency_keys if m == "POST"), "every POST carries a key"
 
 
 def test_submit_retried_on_503(fake):
@@ -162,12 +170,10 @@ def test_submit_retried_on_503(fake):
     assert c.submit(PNG)["status"] == "queued"
 
 
-def test_submit_not_retried_on_500(fake):
+def test_submit_retried_on_500_with_the_same_key(fake):
     fake.fail_next(1, status=500, path_prefix="/v1/predictions")
     c = make_client(fake, sleep=Sleeps())
-    with pytest.raises(ApiError) as info:
-        c.submit(PNG)
-    assert info.value.status == 500 and fake.count("POST", "/v1/predictions") == 1
+    assert c.submit(PNG)["status"] == "queued" and fake.count("POST", "/v1/predictions") == 2
 
 
 def test_idempotent_calls_retry_5xx_and_dropped_connections(fake):
@@ -336,3 +342,15 @@ def test_client_imports_no_server_or_heavy_packages():
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_api_key_from_the_environment_is_sent_on_every_call(fake, monkeypatch):
+    monkeypatch.setenv("PINFER_API_KEY", "pk_from_env")
+    c = make_client(fake, sleep=Sleeps())
+    c.classify(PNG)
+    assert fake.authorization and set(fake.authorization) == {"Bearer pk_from_env"}
+    assert "pk_from_env" not in repr(c)
+    monkeypatch.delenv("PINFER_API_KEY")
+    fake.authorization.clear()
+    make_client(fake, sleep=Sleeps()).submit(PNG)
+    assert fake.authorization == [None]

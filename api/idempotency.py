@@ -1,0 +1,83 @@
+"""``Idempotency-Key`` on the POSTs that create something (``/v1/predictions``, ``/v1/jobs``).
+
+A client that lost the answer to a POST (timeout, connection reset by a proxy) sends it again with
+the same key and gets the same answer: the same ID and status code, nothing created twice. The key
+is scoped to the caller's API key and kept for PINFER_RESULT_TTL_S, as long as what it created.
+
+* same key, same request (method, route, parameters, sha256 of the body) -> the stored answer again,
+  with ``Idempotent-Replayed: true``;
+* same key, another request -> 422 ``idempotency_mismatch``;
+* same key while the first is still being handled -> 409 ``idempotency_in_progress`` + Retry-After.
+
+Only successful answers are kept: after an error (429, 503, 415 …) the key is released so that a
+retry runs the request again. Written by hand: the claim/replay needs the store's atomic script and
+the API's error mapping; no Flask extension does that against Redis.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Callable
+
+from flask import Response, g, request
+
+from api.extensions import pinfer
+from shared import keys
+from shared.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidParameter
+
+HEADER = "Idempotency-Key"
+MAX_KEY = 255
+#: How long a claim lives if the process handling it dies before storing the answer.
+PENDING_S = 60
+log = logging.getLogger("pinfer.api")
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "big") + b)
+    return h.hexdigest()
+
+
+def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]) -> Response:
+    """Answer with ``run()``, or with the stored answer when the request carries a key seen before."""
+    key = request.headers.get(HEADER)
+    if key is None:
+        return run()
+    if not 1 <= len(key) <= MAX_KEY or not key.isascii() or not key.isprintable():
+        raise InvalidParameter(f"`{HEADER}` must be 1 to {MAX_KEY} printable ASCII characters")
+    store = pinfer().store
+    scope = g.get("api_key_name") or "-"
+    rkey = keys.idempotency(scope, route, hashlib.sha256(key.encode()).hexdigest())
+    seen = store.idempotency_begin(rkey, request_fingerprint, PENDING_S)
+    if seen is not None:
+        if seen["fingerprint"] != request_fingerprint:
+            raise IdempotencyMismatch(f"this {HEADER} was already used for a different request; "
+                                      "use a new key for a new request")
+        if seen["state"] != "done":
+            raise IdempotencyInProgress(f"the first request with this {HEADER} is still being handled; "
+                                        "retry to get its answer", retry_after_s=1)
+        resp = Response(seen["body"], status=int(seen["status"]), mimetype="application/json")
+        if seen["location"]:
+            resp.headers["Location"] = seen["location"]
+        resp.headers["Idempotent-Replayed"] = "true"
+        return resp
+    try:
+        resp = run()
+    except BaseException:
+        _release(rkey)
+        raise
+    if resp.status_code < 400:
+        store.idempotency_finish(rkey, resp.status_code, resp.get_data(as_text=True),
+                                 resp.headers.get("Location", ""))
+    else:
+        _release(rkey)
+    return resp
+
+
+def _release(rkey: str) -> None:
+    try:
+        pinfer().store.idempotency_abort(rkey)
+    except Exception as exc:  # Redis away: the claim expires after PENDING_S by itself
+        log.warning("could not release an idempotency key: %s", exc)
