@@ -3,12 +3,23 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# torch comes from the CPU-only wheel index, like in deploy/Dockerfile: on Linux the PyPI `torch`
+# wheel is the CUDA build and pulls ~3 GB of nvidia-* packages a CPU service never loads. Point
+# TORCH_INDEX_URL at a mirror of that index, or set TORCH_PIP_ARGS to install torch your own way
+# (e.g. TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cu126'). Only torch itself
+# comes from there (--no-deps: one request to that index); its dependencies come with the rest.
+# Where the index cannot be reached, pip still takes a matching wheel from PIP_FIND_LINKS.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP_ARGS  ?= --no-deps --index-url $(TORCH_INDEX_URL)
+# The exact torch requirement (e.g. torch==2.13.0) from pyproject.toml's `worker` extra.
+TORCH_REQ = $(shell $(PYTHON) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['worker'] if r.startswith('torch')))")
 
 .PHONY: up test unit integration bench soak model install clean settings-table
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQ)'
 	$(PY) -m pip install --quiet -e '.[worker,server,test]'
 	touch $(STAMP)
 

@@ -3,7 +3,7 @@
 Two sources, one page:
 * Per-process counters (requests, latency, long-polls held, 429s). Under gunicorn each request is
   served by one of several processes, so these use prometheus_client's multiprocess mode:
-  ``deploy/gunicorn.conf.py`` points PROMETHEUS_MULTIPROC_DIR at a folder of its own before it
+  ``pinfer/gunicorn_conf.py`` points PROMETHEUS_MULTIPROC_DIR at a folder of its own before it
   forks, and every scrape merges the files of all its processes (``MultiProcessCollector``).
   Without that variable (the Flask test client, ``flask run``) the ordinary registry is used.
 * Redis state, read at scrape time by ``RedisCollector`` (queue depth per lane, pending images,

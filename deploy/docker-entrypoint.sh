@@ -1,14 +1,15 @@
 #!/bin/sh
 # pinfer container entry point: one image, the role is the first argument (CMD).
 #
-#   api          gunicorn -c /app/deploy/gunicorn.conf.py 'api:create_app()'   (default)
+#   api          pinfer api: gunicorn with pinfer/gunicorn_conf.py, 'api:create_app()'   (default)
 #   worker       pinfer worker      (PINFER_WORKERS / PINFER_CORE_LEASE decide how many / which core)
 #   model        pinfer export-model --out "$PINFER_MODEL_DIR" --if-missing  (one-shot, see below)
 #   healthcheck  the image's HEALTHCHECK: checks whatever role this container runs
 #   anything else is executed as is (e.g. `pinfer settings`, `sh`).
 #
 # `model` options (environment, not PINFER_* settings: only this script reads them):
-#   EXPORT_WEIGHTS=/path/to/resnet18.pth   export these weights (mount the file) instead of downloading
+#   EXPORT_WEIGHTS=/path/to/resnet18.pth   export these weights instead of downloading: a path INSIDE
+#                                          the container, mounted by the same `docker compose run -v`
 #   EXPORT_FALLBACK_RANDOM_INIT=1          (default 1) no internet and no weights: export a randomly
 #                                          initialised model (it works, /readyz shows pretrained=false)
 #                                          instead of failing; 0 = fail.
@@ -28,7 +29,7 @@ remember_role() {
 case "$role" in
     api)
         remember_role api
-        exec gunicorn -c /app/deploy/gunicorn.conf.py "$@" 'api:create_app()'
+        exec pinfer api "$@"
         ;;
     worker)
         remember_role worker
@@ -38,7 +39,14 @@ case "$role" in
         remember_role model
         set -- --out "${PINFER_MODEL_DIR:-/models}" "$@"
         [ "${EXPORT_FORCE:-0}" = "1" ] || set -- "$@" --if-missing
-        [ -n "${EXPORT_WEIGHTS:-}" ] && set -- "$@" --weights "$EXPORT_WEIGHTS"
+        if [ -n "${EXPORT_WEIGHTS:-}" ]; then
+            if [ ! -f "$EXPORT_WEIGHTS" ]; then
+                echo "EXPORT_WEIGHTS=$EXPORT_WEIGHTS: no such file in this container; mount it, e.g." \
+                     "docker compose run --rm -e EXPORT_WEIGHTS=/weights/w.pth -v \"\$PWD/w.pth:/weights/w.pth:ro\" model" >&2
+                exit 2
+            fi
+            set -- "$@" --weights "$EXPORT_WEIGHTS"
+        fi
         [ "${EXPORT_FALLBACK_RANDOM_INIT:-1}" = "1" ] && set -- "$@" --fallback-random-init
         exec pinfer export-model "$@"
         ;;

@@ -11,7 +11,7 @@ USAGE = """usage: pinfer COMMAND [ARGS]
 
 commands:
   up             run everything on this machine: Redis (private unless PINFER_REDIS_URL), API, pinned workers
-  api            run the API under gunicorn (deploy/gunicorn.conf.py)
+  api            run the API under gunicorn (pinfer/gunicorn_conf.py)
   worker         run one pinned Celery worker per core (--check: health check)
   export-model   build the TorchScript artifact + manifest (see --help)
   ingest         classify a folder of photos through a running API (see --help)
@@ -94,10 +94,9 @@ def _api_key(argv: list[str]) -> int:
 
 
 def _api(argv: list[str]) -> int:
-    from pinfer.procs import ROOT
+    from pinfer.procs import GUNICORN_CONF
 
-    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
-                               *argv, "api:create_app()"])
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, *argv, "api:create_app()"])
     return 0
 
 

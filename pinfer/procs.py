@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# gunicorn's settings for the API, a module of this package: found wherever pinfer is installed.
+GUNICORN_CONF = "python:pinfer.gunicorn_conf"
 
 
 def find_redis_server() -> str:
@@ -137,7 +139,7 @@ def _spawn(name: str, cmd: list[str], env: dict, log: Path | None, new_session: 
 
 
 def start_api(env: dict, port: int, log: Path | None = None, new_session: bool = False) -> Proc:
-    cmd = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
+    cmd = [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF,
            "--bind", f"127.0.0.1:{port}", "api:create_app()"]
     return _spawn(f"api:{port}", cmd, {**env, "PINFER_PORT": str(port)}, log, new_session)
 

@@ -102,7 +102,8 @@ class Settings:
     core_lease: bool = _s("PINFER_CORE_LEASE", False,
                           "Claim a free core through a Redis lease keyed by host (compose replicas on one host).")
     host_id: str = _s("PINFER_HOST_ID", "",
-                      "Name of the physical host for core leases; empty = this machine's hostname.")
+                      "Name of the physical host for core leases; empty = the kernel's boot id, which every "
+                      "container on one host shares (never the hostname: it differs per container).")
     visibility_timeout_s: int = _s("PINFER_VISIBILITY_TIMEOUT_S", 30,
                                    "Seconds after fetch before an unacknowledged message (its worker died) is "
                                    "delivered again. Must exceed the longest time a healthy worker holds one.")

@@ -4,8 +4,11 @@
 ``listen 80``, logs to /dev/stdout, the image's pid and temp paths) into a config that an
 unprivileged user can run with ``nginx -p WORKDIR -c CONF -g 'daemon off;'``: the upstream
 ``server`` line becomes one line per given address (same parameters), ``listen 80`` becomes the
-given address, and pid / logs / temp paths move into WORKDIR. Everything else (timeouts, retry
-policy, body limits, error pages) is the production file, so tests exercise the real policy.
+given address, and pid / logs / temp paths move into WORKDIR. Run-time re-resolution (`resolver`
+and the `resolve` flag) is dropped: the loopback upstreams are IP addresses, Docker's DNS is not
+there, and nginx before 1.27.3 (the tests' packages) does not know `resolve`. Everything else
+(timeouts, retry policy, body limits, error pages) is the production file, so tests exercise the
+real policy.
 """
 from __future__ import annotations
 
@@ -59,11 +62,13 @@ def render_nginx_conf(upstreams: list[str], listen: str, workdir: Path, *,
     text = source.read_text()
 
     def upstream_lines(m: re.Match) -> str:
-        return "\n".join(f"{m['indent']}server {addr}{m['params']};" for addr in upstreams)
+        params = re.sub(r"[ \t]+resolve\b", "", m["params"])
+        return "\n".join(f"{m['indent']}server {addr}{params};" for addr in upstreams)
 
     text, n = _UPSTREAM_SERVER.subn(upstream_lines, text)
     if n != 1:
         raise ValueError(f"{source}: expected one `server api:8000 ...;` line, found {n}")
+    text = re.sub(r"^[ \t]*resolver(?:_timeout)?[ \t][^;]*;[ \t]*\n", "", text, flags=re.M)
     text, n = _LISTEN.subn(lambda m: f"{m['indent']}listen {listen}{m['params']};", text)
     if n != 1:
         raise ValueError(f"{source}: expected one `listen 80;` line, found {n}")

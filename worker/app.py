@@ -136,7 +136,7 @@ def _heartbeat_info() -> dict:
             "images": _state["images"]}
     if rt is not None:
         info.update(model=rt.info.name, sha256=rt.info.sha256, pretrained=int(rt.info.pretrained),
-                    precision=rt.precision, resize=settings.resize)
+                    precision=rt.precision, resize=settings.resize, threads=rt.threads)
     if _state.get("error"):
         info["error"] = _state["error"]
     return info

@@ -20,9 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from shared import keys
 from shared.settings import Settings
+from worker.threads import PINNED_CORE_ENV, torch_threads
 
 log = logging.getLogger("pinfer.launcher")
 
@@ -42,16 +44,27 @@ def worker_slots(settings: Settings) -> tuple[list[int], int]:
     return cores, settings.workers or len(cores)
 
 
-def host_id(settings: Settings) -> str:
-    """The physical host: containers on one host share it (their hostnames differ)."""
+# The kernel's boot id: the same for every container on one kernel (Docker Desktop's VM included),
+# readable without a mount, different on every other host (and after a reboot, when the old leases
+# have long expired).
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def host_id(settings: Settings, boot_id: Path | None = None) -> str | None:
+    """The key core leases are grouped by: one per physical host, shared by all its containers.
+
+    PINFER_HOST_ID when set, else the kernel's boot id (``boot_id`` replaces its path in tests).
+    None when neither is there (a missing, empty or unreadable file, or a directory in its place):
+    never a per-container value such as the hostname, with which every replica would believe it is
+    alone on its host and lease core 0.
+    """
     if settings.host_id:
         return settings.host_id
-    for path in ("/etc/host-machine-id",):
-        try:
-            return Path(path).read_text().strip() or socket.gethostname()
-        except OSError:
-            pass
-    return socket.gethostname()
+    try:
+        key = (boot_id or BOOT_ID).read_text().strip()
+    except (OSError, ValueError):  # missing, a directory, unreadable, not text
+        return None
+    return key or None
 
 
 @dataclass
@@ -83,8 +96,13 @@ class Launcher:
     def _lease(self, cores: list[int], n: int) -> list[int | None]:
         from shared.store import Store
 
-        self.store = Store(self.settings)
         self.host = host_id(self.settings)
+        if self.host is None:
+            log.error("PINFER_CORE_LEASE is on but this host has no key (PINFER_HOST_ID is empty and %s "
+                      "is unreadable): running %d worker(s) UNPINNED; set PINFER_HOST_ID to a name shared "
+                      "by every replica on this host", BOOT_ID, n)
+            return [None] * n
+        self.store = Store(self.settings)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         got: list[int | None] = []
         for _ in range(n):
@@ -118,14 +136,26 @@ class Launcher:
         cmd = [sys.executable, "-m", "celery", "-A", "worker.app", *quiet, "worker", "--pool", "solo",
                "--concurrency", "1", "-Q", f"{keys.QUEUE_INTERACTIVE},{keys.QUEUE_BULK}", "-n", name,
                "--without-gossip", "--without-mingle", "-l", self.loglevel]
-        if child.core is not None and shutil.which("taskset"):
+        if self.pinned(child):
             cmd = ["taskset", "-c", str(child.core)] + cmd
         return cmd
 
+    @staticmethod
+    def pinned(child: Child) -> bool:
+        return child.core is not None and shutil.which("taskset") is not None
+
+    def environment(self, child: Child, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The child's environment: which core it is pinned to, and its thread count (worker/threads.py)
+        for torch and every OpenMP/MKL pool, so that no library starts one thread per host core."""
+        env = dict(os.environ if base is None else base)
+        env[PINNED_CORE_ENV] = str(child.core) if self.pinned(child) else ""
+        threads = str(torch_threads(env, affinity={child.core} if self.pinned(child) else None))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        return env
+
     def spawn(self, child: Child) -> None:
-        env = dict(os.environ, PINFER_WORKER_CORE="" if child.core is None else str(child.core),
-                   PINFER_WORKER_SLOT=str(child.slot),
-                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env = self.environment(child)
+        env["PINFER_WORKER_SLOT"] = str(child.slot)  # the worker's metrics port is PINFER_METRICS_PORT + slot
         child.proc = subprocess.Popen(self.command(child), env=env, preexec_fn=_die_with_parent)
         child.started = time.monotonic()
         log.info("worker slot %d started on core %s (pid %d)", child.slot, child.core, child.proc.pid)

@@ -7,7 +7,6 @@ pinned workers never fight over one core.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch
 from shared.errors import InferenceError
 from shared.settings import Settings
 from weights.manifest import Manifest, verify_artifact
+from worker.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def bf16_supported() -> bool:
 class ModelRuntime:
     def __init__(self, settings: Settings, threads: int | None = None) -> None:
         self.settings = settings
-        threads = threads or len(os.sched_getaffinity(0))
+        threads = threads or torch_threads()  # pinned: its cores; unpinned: OMP_NUM_THREADS or 1
         torch.set_num_threads(threads)
         self.threads = threads
         self.manifest: Manifest

@@ -8,6 +8,7 @@ waits are on observable conditions (wait_until, process exit), never on fixed sl
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
@@ -257,6 +258,48 @@ def test_two_api_replicas_behind_nginx_survive_a_restart(pinned):
                 p.stop(signal.SIGTERM, 60)
 
 
+# --------------------------------------------------------------------------- 1b. nginx's own errors
+def post_headers_only(port: int, target: str, length: int) -> tuple[int, dict, dict]:
+    """Announce a body of ``length`` bytes and send none: nginx judges the size from the header."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall((f"POST {target} HTTP/1.1\r\nHost: pinfer\r\nContent-Type: application/octet-stream\r\n"
+                   f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536) or pytest.fail(f"connection closed before a response: {data!r}")
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        # Read the announced body only: nginx lingers on a connection whose request body it refused.
+        while len(body) < int(headers["content-length"]):
+            body += s.recv(65536) or pytest.fail(f"connection closed inside the body: {body!r}")
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("target,limit,code", [
+    ("/v1/predictions", "21m", "image_too_large"),
+    ("/v1/predictions?top_k=3&wait=5", "21m", "image_too_large"),
+    ("/v1/jobs/j123/images", "200m", "request_too_large"),
+    ("/v1/jobs", "21m", "request_too_large"),
+])
+def test_nginx_413_carries_the_apis_code_for_the_route(tmp_path, target, limit, code):
+    """A body over nginx's limit gets the code the API gives on that route (docs/http-api.md):
+    clients branch on it, so a bulk upload must not be told `image_too_large`."""
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed")
+    port = free_port()
+    conf = render_nginx_conf([f"127.0.0.1:{free_port()}"], f"127.0.0.1:{port}", tmp_path)
+    nginx = start_nginx_proc(conf, port, tmp_path / "stdout.log")
+    try:
+        size = int(limit[:-1]) * 1024 * 1024
+        status, headers, body = post_headers_only(port, target, size + 1)
+        assert status == 413, body
+        assert body["error"]["code"] == code, body
+        assert headers["content-type"].startswith("application/json") and headers.get("x-request-id")
+    finally:
+        nginx.stop(signal.SIGTERM, 10)
+
+
 # --------------------------------------------------------------------------- 2. pinning
 def test_each_worker_pinned_to_its_own_core(pinned):
     workers = pinned.workers()
@@ -271,6 +314,7 @@ def test_each_worker_pinned_to_its_own_core(pinned):
         assert affinity == {int(w["core"])}, (w["name"], w["core"], affinity)
         # Every thread (torch intra-op, heartbeat, Celery's) inherited the pin.
         assert set(thread_affinities(pid).values()) == {frozenset(affinity)}, w["name"]
+        assert w["threads"] == "1", (w["name"], w["threads"])  # torch: one thread for its one core
         cores.append(int(w["core"]))
     assert len(set(cores)) == 2, cores
     assert set(cores) <= ALL_CORES
@@ -297,8 +341,13 @@ def worker_of(stack, launcher: Proc) -> dict | None:
     return None
 
 
+# A replica's OMP_NUM_THREADS: only an unpinned worker may follow it (a pinned one uses its core).
+REPLICA_OMP_THREADS = "2"
+
+
 def start_replica(stack, name: str) -> Proc:
-    env = {**stack.env, "PINFER_WORKERS": "1", "PINFER_CORE_LEASE": "1", "PINFER_HOST_ID": HOST}
+    env = {**stack.env, "PINFER_WORKERS": "1", "PINFER_CORE_LEASE": "1", "PINFER_HOST_ID": HOST,
+           "OMP_NUM_THREADS": REPLICA_OMP_THREADS}
     proc = start_workers(env, stack.workdir / f"{name}.log")
     proc.name = name
     stack.procs.append(proc)
@@ -327,6 +376,7 @@ def test_core_leases_give_compose_replicas_distinct_cores(make_stack):
         w = found[p.name]
         affinity = os.sched_getaffinity(int(w["pid"]))
         assert len(affinity) == 1 and affinity == {int(w["core"])}, (p.name, w["core"], affinity)
+        assert w["threads"] == "1", (p.name, w["threads"])
         pinned_to[p.name] = next(iter(affinity))
     assert len(set(pinned_to.values())) == ncores, pinned_to  # distinct cores, no configuration
     holders = lease_holders(stack)
@@ -338,6 +388,8 @@ def test_core_leases_give_compose_replicas_distinct_cores(make_stack):
     w = found[extra.name]
     assert w["core"] == ""
     assert os.sched_getaffinity(int(w["pid"])) == ALL_CORES
+    # Not a thread per host core: what OMP_NUM_THREADS says (compose sets 1).
+    assert w["threads"] == REPLICA_OMP_THREADS, w
     log = (stack.workdir / "replica-extra.log").read_text()
     assert re.search(rf"WARNING pinfer\.launcher: no free core left on host {HOST}", log), log[-2000:]
     assert lease_holders(stack) == holders, "the unpinned replica must not take a lease"

@@ -221,7 +221,7 @@ def test_grace_periods_cover_a_batch_and_a_long_poll(objs):
     api = pod_spec(one(objs, "Deployment", "pinfer-api"))
     pre_stop = api["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    graceful = max(30, int(s.max_wait_s) + 5)           # deploy/gunicorn.conf.py
+    graceful = max(30, int(s.max_wait_s) + 5)           # pinfer/gunicorn_conf.py
     assert api["terminationGracePeriodSeconds"] >= graceful + int(pre_stop[1])
 
 

@@ -1,6 +1,7 @@
 """worker.launcher: the core list syntax, the worker-to-core plan, and each worker's command line."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -12,6 +13,7 @@ from shared.settings import Settings
 from shared.store import Store
 from worker import launcher as launcher_mod
 from worker.launcher import Child, Launcher, parse_cores
+from worker.threads import torch_threads
 
 
 @pytest.mark.parametrize("spec,cores", [("0-3,6", [0, 1, 2, 3, 6]), ("5", [5]), ("", []),
@@ -88,5 +90,101 @@ def test_without_taskset_the_worker_still_starts_unpinned(monkeypatch):
     assert "taskset" not in cmd and cmd[1:3] == ["-m", "celery"]
 
 
-def test_host_id_prefers_the_setting():
-    assert launcher_mod.host_id(Settings(host_id="rack-7")) == "rack-7"
+def test_host_id_prefers_the_setting(tmp_path):
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("b1946ac9-2b4e-4b4e-9c4e-2f1e0b0c0d0e\n")
+    assert launcher_mod.host_id(Settings(host_id="rack-7"), boot_id) == "rack-7"
+
+
+def test_host_id_is_the_kernels_boot_id(tmp_path):
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text(" b1946ac9-2b4e-4b4e-9c4e-2f1e0b0c0d0e\n")
+    assert launcher_mod.host_id(Settings(), boot_id) == "b1946ac9-2b4e-4b4e-9c4e-2f1e0b0c0d0e"
+
+
+def test_host_id_of_this_kernel_is_shared_by_every_process():
+    """The real file: every container on this kernel reads the same value, no mount needed."""
+    if not launcher_mod.BOOT_ID.is_file():
+        pytest.skip("no /proc/sys/kernel/random/boot_id (not Linux?)")
+    key = launcher_mod.host_id(Settings())
+    assert key and key == launcher_mod.BOOT_ID.read_text().strip()
+
+
+@pytest.mark.parametrize("shape", ["missing", "empty", "blank", "directory"])
+def test_host_id_without_a_key_is_none_never_the_hostname(tmp_path, shape):
+    """The shapes Docker leaves behind: no file, an empty one, or a directory where a bind source
+    was missing. A hostname fallback would differ per container and let every replica take core 0."""
+    path = tmp_path / "boot_id"
+    if shape == "empty":
+        path.write_text("")
+    elif shape == "blank":
+        path.write_text("\n  \n")
+    elif shape == "directory":
+        path.mkdir()
+    assert launcher_mod.host_id(Settings(), path) is None
+
+
+def test_core_lease_without_a_host_key_runs_unpinned_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(launcher_mod, "BOOT_ID", tmp_path / "missing")
+
+    def no_redis(settings):
+        raise AssertionError("no host key: nothing may be leased")
+
+    monkeypatch.setattr("shared.store.Store", no_redis)
+    s = Settings.from_env({"PINFER_CORES": "0-3", "PINFER_WORKERS": "2", "PINFER_CORE_LEASE": "1"})
+    with caplog.at_level(logging.ERROR, logger="pinfer.launcher"):
+        plan = Launcher(s).plan()
+    assert plan == [None, None]
+    assert any(r.levelno == logging.ERROR and "UNPINNED" in r.getMessage() and "PINFER_HOST_ID" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+def test_core_lease_keys_by_the_boot_id(tmp_path, monkeypatch):
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("kernel-1\n")
+    monkeypatch.setattr(launcher_mod, "BOOT_ID", boot_id)
+    server = fakeredis.FakeServer()
+    s = Settings.from_env({"PINFER_CORES": "0-1", "PINFER_WORKERS": "1", "PINFER_CORE_LEASE": "1"})
+    store = Store(s, fakeredis.FakeRedis(server=server, decode_responses=True), fakeredis.FakeRedis(server=server))
+    monkeypatch.setattr("shared.store.Store", lambda settings: store)
+    first, second = Launcher(s), Launcher(s)  # two replicas (containers) on one kernel
+    try:
+        monkeypatch.setattr(launcher_mod.socket, "gethostname", lambda: "container-a")
+        assert first.plan() == [0]
+        monkeypatch.setattr(launcher_mod.socket, "gethostname", lambda: "container-b")
+        assert second.plan() == [1]
+    finally:
+        first.stopping = second.stopping = 1
+    assert set(store.r.hkeys(keys.core_leases("kernel-1"))) == {"0", "1"}
+
+
+# --------------------------------------------------------------------------- threads per worker
+def test_pinned_worker_uses_one_thread_per_leased_core(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    env = Launcher(Settings()).environment(Child(slot=0, core=3), base={"OMP_NUM_THREADS": "8", "PATH": "/bin"})
+    assert env["PINFER_WORKER_CORE"] == "3"
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert torch_threads(env, affinity={3}) == 1  # what the child's runtime computes under taskset -c 3
+    assert env["PATH"] == "/bin"
+
+
+@pytest.mark.parametrize("omp,threads", [(None, 1), ("1", 1), ("3", 3), ("0", 1), ("", 1), ("many", 1)])
+def test_unpinned_worker_honours_omp_num_threads_else_one(monkeypatch, omp, threads):
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    base = {} if omp is None else {"OMP_NUM_THREADS": omp}
+    env = Launcher(Settings()).environment(Child(slot=0, core=None), base=base)
+    assert env["PINFER_WORKER_CORE"] == ""
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(threads)
+    # The child sees all host cores, yet does not start a thread per core.
+    assert torch_threads(env, affinity=set(range(64))) == threads
+
+
+def test_worker_without_taskset_counts_as_unpinned(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    env = Launcher(Settings()).environment(Child(slot=0, core=2), base={})
+    assert env["PINFER_WORKER_CORE"] == "" and env["OMP_NUM_THREADS"] == "1"
+
+
+def test_torch_threads_of_a_process_pinned_to_several_cores():
+    assert torch_threads({"PINFER_WORKER_CORE": "0", "OMP_NUM_THREADS": "1"}, affinity={0, 1}) == 2
+    assert torch_threads({"PINFER_WORKER_CORE": "0"}) == len(os.sched_getaffinity(0))

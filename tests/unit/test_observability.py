@@ -179,7 +179,7 @@ def test_gunicorn_gives_each_server_an_empty_metrics_folder_and_removes_its_own(
     import runpy
     from pathlib import Path
 
-    conf_path = str(Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py")
+    conf_path = str(Path(__file__).resolve().parents[2] / "pinfer" / "gunicorn_conf.py")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # recorded, so the hooks' value is undone afterwards
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     # a named folder (PINFER_METRICS_DIR) is emptied: counters of an earlier run must not be merged in

@@ -1,4 +1,7 @@
-"""gunicorn settings for the pinfer API: `gunicorn -c deploy/gunicorn.conf.py 'api:create_app()'`.
+"""gunicorn settings for the pinfer API: `gunicorn -c python:pinfer.gunicorn_conf 'api:create_app()'`.
+
+A module of the package (not a file beside it), so that `pinfer api`, the container's `api` role
+and a source checkout all find the same settings wherever pinfer is installed.
 
 Every value comes from the PINFER_* settings (shared/settings.py), read once here through
 ``Settings.from_env()``; anything else can still be overridden per run with GUNICORN_CMD_ARGS.
@@ -35,13 +38,8 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-try:
-    from shared.settings import Settings
-except ImportError:  # run from a source checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from shared.settings import Settings
+from shared.settings import Settings
 
 _settings = Settings.from_env()
 
