@@ -12,6 +12,7 @@ USAGE = """usage: pinfer COMMAND [ARGS]
 
 commands:
   up             run everything on this machine: Redis (private unless PINFER_REDIS_URL), API, pinned workers
+                 (first exports the model if missing; takes export-model's --precision/--runtime/--calibration)
   api            run the API under gunicorn (deploy/gunicorn.conf.py)
   worker         run one pinned Celery worker per core (--check: health check)
   export-model   build the TorchScript artifact + manifest (see --help)
@@ -82,7 +83,7 @@ def _up(argv: list[str]) -> int:
     from worker.launcher import worker_slots
 
     settings = Settings.from_env()
-    if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
+    if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init", *_variant_args(argv)]) != 0:
         return 1
     run_dir = Path(os.environ.get("PINFER_RUN_DIR", ROOT / "run"))
     run_dir.mkdir(exist_ok=True)
@@ -140,6 +141,19 @@ def _up(argv: list[str]) -> int:
         for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
             p.stop(signal.SIGTERM, 60)
         print("stopped", flush=True)
+
+
+def _variant_args(argv: list[str]) -> list[str]:
+    """``pinfer up``'s options: the model variants to export when missing (as ``pinfer export-model``)."""
+    import argparse
+
+    from weights.export import add_variant_arguments
+
+    p = argparse.ArgumentParser(prog="pinfer up", description="run the whole service on this machine")
+    add_variant_arguments(p)
+    args = p.parse_args(argv)
+    out = ["--precision", args.precision, "--runtime", args.runtime]
+    return out + (["--calibration", str(args.calibration)] if args.calibration else [])
 
 
 if __name__ == "__main__":

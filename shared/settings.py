@@ -52,8 +52,17 @@ class Settings:
     # --- model / inference -------------------------------------------------------------------
     model_dir: str = _s("PINFER_MODEL_DIR", str(PROJECT_ROOT / "weights" / "build"),
                         "Folder holding `manifest.json` and the `model-<sha>.pt` it names, written by `pinfer export-model`.")
-    precision: str = _s("PINFER_PRECISION", "fp32", "Inference precision; `bf16` needs AVX-512-BF16/AMX.",
-                        ("fp32", "bf16"))
+    precision: str = _s("PINFER_PRECISION", "auto",
+                        "Inference precision. `auto`: the fastest exported variant whose top-1 agreement with fp32 "
+                        "is at least PINFER_MIN_AGREEMENT, else int8 -> bf16 -> fp32 (bf16 only with "
+                        "AVX-512-BF16/AMX). `fp32`, `bf16`, `int8` force a variant.",
+                        ("auto", "fp32", "bf16", "int8"))
+    runtime: str = _s("PINFER_RUNTIME", "auto",
+                      "Inference runtime: `torchscript`, `onnx` (ONNX Runtime, no torch loaded) or `auto` (fastest "
+                      "exported one for the precision).", ("auto", "torchscript", "onnx"))
+    min_agreement: float = _s("PINFER_MIN_AGREEMENT", 0.995,
+                              "Least top-1 agreement with fp32 (measured by `pinfer export-model` on held-out "
+                              "calibration photos) for `auto` to serve a reduced-precision variant.")
     resize: str = _s("PINFER_RESIZE", "exact",
                      "`exact` reproduces torchvision's Resize(256)+CenterCrop(224); `fast` decodes large JPEGs "
                      "at reduced scale first.", ("exact", "fast"))
@@ -127,6 +136,8 @@ class Settings:
                      "interactive_window_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_env(name)} must be at least 1")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError("PINFER_MIN_AGREEMENT must be between 0 and 1")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:

@@ -485,4 +485,8 @@ def test_entrypoint_roles(tmp_path):
     assert run("model", PINFER_MODEL_DIR="/m", EXPORT_WEIGHTS="/w/r18.pth",
                EXPORT_FALLBACK_RANDOM_INIT="0", EXPORT_FORCE="1") == \
         "pinfer export-model --out /m --weights /w/r18.pth"
+    assert run("model", PINFER_MODEL_DIR="/m", EXPORT_PRECISION="fp32,int8", EXPORT_RUNTIME="torchscript,onnx",
+               EXPORT_CALIBRATION="/calibration") == \
+        "pinfer export-model --out /m --if-missing --fallback-random-init --precision fp32,int8 " \
+        "--runtime torchscript,onnx --calibration /calibration"
     assert run("echo", "hi") == "hi"
