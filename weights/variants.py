@@ -107,10 +107,11 @@ def _batches(x: np.ndarray, size: int = _BATCH) -> Iterable[np.ndarray]:
 
 @contextlib.contextmanager
 def _quiet_torch() -> Iterator[None]:
-    """TorchScript and torch.ao announce their deprecation on every call; we know (see pyproject.toml)."""
+    """TorchScript and torch.ao.quantization announce their deprecation on every call; we know (see
+    pyproject.toml: the torch pin keeps both; ONNX Runtime is the path that needs neither)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao\..*")
+        warnings.filterwarnings("ignore", r"torch\.ao\.quantization is deprecated", DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\..*")
         yield
 
