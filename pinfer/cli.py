@@ -152,7 +152,8 @@ def _variant_args(argv: list[str]) -> list[str]:
     p = argparse.ArgumentParser(prog="pinfer up", description="run the whole service on this machine")
     add_variant_arguments(p)
     args = p.parse_args(argv)
-    out = ["--precision", args.precision, "--runtime", args.runtime]
+    out = ["--precision", args.precision, "--runtime", args.runtime, "--calibration-images",
+           str(args.calibration_images), "--holdout-images", str(args.holdout_images)]
     return out + (["--calibration", str(args.calibration)] if args.calibration else [])
 
 

@@ -229,8 +229,10 @@ def add_variant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", type=Path, default=None,
                    help=f"folder of your own photos: the first {CALIBRATION_IMAGES} (sorted, seeded shuffle) "
                         f"calibrate int8, up to {HOLDOUT_IMAGES} others measure each variant's agreement with fp32")
-    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, help=argparse.SUPPRESS)
-    p.add_argument("--holdout-images", type=int, default=HOLDOUT_IMAGES, help=argparse.SUPPRESS)
+    p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
+                   help=f"photos that calibrate int8 (default {CALIBRATION_IMAGES})")
+    p.add_argument("--holdout-images", type=int, default=HOLDOUT_IMAGES, metavar="N",
+                   help=f"most photos held out to measure fidelity (default {HOLDOUT_IMAGES})")
 
 
 if __name__ == "__main__":
