@@ -5,7 +5,7 @@
   TorchScript. The primary int8 path: as fast as ONNX Runtime's and in the design card's format.
 * ONNX fp32 -- ``torch.onnx.export`` with a dynamic batch axis.
 * ONNX int8 -- ``onnxruntime.quantization.quantize_static``: QDQ format, per-channel int8 weights,
-  int8 activations calibrated (MinMax) on the same photos.
+  uint8 activations calibrated (MinMax) on the same photos.
 * bf16 -- the fp32 TorchScript file run under autocast; nothing to build, only to measure.
 
 Calibration estimates each activation's range (min/max per tensor), which fixes its int8 scale. A few
@@ -149,7 +149,14 @@ def onnx_fp32(model: torch.nn.Module, input_size: int = 224) -> bytes:
 
 
 def onnx_int8(fp32: bytes, calib: np.ndarray) -> bytes:
-    """Static QDQ quantization, per-channel int8 weights, int8 activations calibrated with MinMax."""
+    """Static QDQ quantization, per-channel int8 weights, uint8 activations calibrated with MinMax.
+
+    uint8 activations x int8 weights (U8S8) rather than ORT's default S8S8: on a CPU with AVX2 but
+    no VNNI (this project's CI machine) U8S8 measured 1.8x faster (28.5 vs 51.5 ms/img at batch 16,
+    one core), because ORT's x86 kernels are built around VPMADDUBSW (u8 x s8). ORT documents that
+    this instruction can saturate; the fidelity gate measures the result, and ResNet-18's held-out
+    agreement was unchanged.
+    """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -166,7 +173,7 @@ def onnx_int8(fp32: bytes, calib: np.ndarray) -> bytes:
         src.write_bytes(fp32)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
         return out.read_bytes()
 
