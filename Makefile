@@ -14,6 +14,14 @@ TORCH_PIP_ARGS  ?= --no-deps --index-url $(TORCH_INDEX_URL)
 # The exact torch requirement (e.g. torch==2.13.0) from pyproject.toml's `worker` extra.
 TORCH_REQ = $(shell $(PYTHON) -c "import tomllib; print(next(r for r in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['worker'] if r.startswith('torch')))")
 
+# Model variants `make model` and `make up` export (the same options as `pinfer export-model`), e.g.
+#   make up EXPORT_PRECISION=fp32,int8 EXPORT_RUNTIME=torchscript,onnx EXPORT_CALIBRATION=../shared/corpus/photos
+EXPORT_PRECISION   ?= fp32
+EXPORT_RUNTIME     ?= torchscript
+EXPORT_CALIBRATION ?=
+EXPORT_ARGS := --precision $(EXPORT_PRECISION) --runtime $(EXPORT_RUNTIME) \
+               $(if $(EXPORT_CALIBRATION),--calibration $(EXPORT_CALIBRATION))
+
 .PHONY: up test unit integration bench soak model install clean settings-table
 
 $(STAMP): pyproject.toml
@@ -26,10 +34,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 model: $(STAMP)
-	$(PY) -m pinfer.cli export-model --if-missing --fallback-random-init
+	$(PY) -m pinfer.cli export-model --if-missing --fallback-random-init $(EXPORT_ARGS)
 
 up: $(STAMP)
-	$(PY) -m pinfer.cli up
+	$(PY) -m pinfer.cli up $(EXPORT_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

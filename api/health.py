@@ -18,15 +18,17 @@ def snapshot() -> dict:
     store.r.ping()
     workers = store.live_workers()
     ready = [w for w in workers if w.get("state") in ("READY", "BUSY")]
-    models = {(w.get("model"), w.get("sha256"), w.get("pretrained"), w.get("precision")) for w in ready}
+    models = {(w.get("model"), w.get("sha256"), w.get("pretrained"), w.get("precision"), w.get("runtime"),
+               w.get("selection")) for w in ready}
     body = {
         "status": "ready" if ready else "not_ready",
         "redis": True,
         "workers": workers,
         "ready_workers": len(ready),
         "queues": store.queue_depths(),
-        "models": [{"name": m[0], "sha256": m[1], "pretrained": m[2] == "1", "precision": m[3]}
-                   for m in sorted(models, key=str)],
+        # selection: why the worker serves this precision/runtime (PINFER_PRECISION=auto's fallbacks).
+        "models": [{"name": m[0], "sha256": m[1], "pretrained": m[2] == "1", "precision": m[3], "runtime": m[4],
+                    "selection": m[5]} for m in sorted(models, key=str)],
     }
     if ready:
         body["pretrained"] = all(m["pretrained"] for m in body["models"])

@@ -14,6 +14,9 @@
 #                                          initialised model (it works, /readyz shows pretrained=false)
 #                                          instead of failing; 0 = fail.
 #   EXPORT_FORCE=1                         replace an existing artifact (drops --if-missing)
+#   EXPORT_PRECISION=fp32,int8             variants to build (--precision; default fp32)
+#   EXPORT_RUNTIME=torchscript,onnx        runtimes to build them for (--runtime; default torchscript)
+#   EXPORT_CALIBRATION=/calibration        folder of photos (mount it) for int8 and the fidelity gate
 set -eu
 
 ROLE_FILE="${ENTRYPOINT_ROLE_FILE:-/tmp/pinfer-role}"
@@ -48,6 +51,9 @@ case "$role" in
             set -- "$@" --weights "$EXPORT_WEIGHTS"
         fi
         [ "${EXPORT_FALLBACK_RANDOM_INIT:-1}" = "1" ] && set -- "$@" --fallback-random-init
+        [ -n "${EXPORT_PRECISION:-}" ] && set -- "$@" --precision "$EXPORT_PRECISION"
+        [ -n "${EXPORT_RUNTIME:-}" ] && set -- "$@" --runtime "$EXPORT_RUNTIME"
+        [ -n "${EXPORT_CALIBRATION:-}" ] && set -- "$@" --calibration "$EXPORT_CALIBRATION"
         exec pinfer export-model "$@"
         ;;
     healthcheck)

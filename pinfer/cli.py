@@ -11,6 +11,7 @@ USAGE = """usage: pinfer COMMAND [ARGS]
 
 commands:
   up             run everything on this machine: Redis (private unless PINFER_REDIS_URL), API, pinned workers
+                 (first exports the model if missing; takes export-model's --precision/--runtime/--calibration)
   api            run the API under gunicorn (pinfer/gunicorn_conf.py)
   worker         run one pinned Celery worker per core (--check: health check)
   export-model   build the TorchScript artifact + manifest (see --help)
@@ -120,7 +121,7 @@ def _up(argv: list[str]) -> int:
     settings = Settings.from_env()
     logs.setup(settings.log_format)
     log = logging.getLogger("pinfer.up")
-    if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init"]) != 0:
+    if export(["--out", settings.model_dir, "--if-missing", "--fallback-random-init", *_variant_args(argv)]) != 0:
         return 1
     run_dir = Path(os.environ.get("PINFER_RUN_DIR", ROOT / "run"))
     run_dir.mkdir(exist_ok=True)
@@ -204,6 +205,20 @@ def _lock_data_dir(data: Path):
 
 
 _HELD_LOCKS: list = []
+
+
+def _variant_args(argv: list[str]) -> list[str]:
+    """``pinfer up``'s options: the model variants to export when missing (as ``pinfer export-model``)."""
+    import argparse
+
+    from weights.export import add_variant_arguments
+
+    p = argparse.ArgumentParser(prog="pinfer up", description="run the whole service on this machine")
+    add_variant_arguments(p)
+    args = p.parse_args(argv)
+    out = ["--precision", args.precision, "--runtime", args.runtime, "--calibration-images",
+           str(args.calibration_images), "--holdout-images", str(args.holdout_images)]
+    return out + (["--calibration", str(args.calibration)] if args.calibration else [])
 
 
 if __name__ == "__main__":

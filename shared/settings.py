@@ -82,8 +82,17 @@ class Settings:
     # --- model / inference -------------------------------------------------------------------
     model_dir: str = _s("PINFER_MODEL_DIR", str(PROJECT_ROOT / "weights" / "build"),
                         "Folder holding `manifest.json` and the `model-<sha>.pt` it names, written by `pinfer export-model`.")
-    precision: str = _s("PINFER_PRECISION", "fp32", "Inference precision; `bf16` needs AVX-512-BF16/AMX.",
-                        ("fp32", "bf16"))
+    precision: str = _s("PINFER_PRECISION", "auto",
+                        "Inference precision. `auto`: the fastest exported variant whose top-1 agreement with fp32 "
+                        "is at least PINFER_MIN_AGREEMENT, else int8 -> bf16 -> fp32 (bf16 only with "
+                        "AVX-512-BF16/AMX). `fp32`, `bf16`, `int8` force a variant.",
+                        ("auto", "fp32", "bf16", "int8"))
+    runtime: str = _s("PINFER_RUNTIME", "auto",
+                      "Inference runtime: `torchscript`, `onnx` (ONNX Runtime, no torch loaded) or `auto` (fastest "
+                      "exported one for the precision).", ("auto", "torchscript", "onnx"))
+    min_agreement: float = _s("PINFER_MIN_AGREEMENT", 0.995,
+                              "Least top-1 agreement with fp32 (measured by `pinfer export-model` on held-out "
+                              "calibration photos) for `auto` to serve a reduced-precision variant.")
     resize: str = _s("PINFER_RESIZE", "fast",
                      "`fast` decodes large JPEGs at reduced scale and resamples only the 224 px centre window: "
                      "measured 1.6x cheaper than `exact` per photo, half an 8-bit level from it on average "
@@ -205,6 +214,8 @@ class Settings:
             raise ValueError("PINFER_CACHE_TTL_S must be 0 (off) or a number of seconds")
         if self.redis_maxmemory < 0:
             raise ValueError("PINFER_REDIS_MAXMEMORY must be 0 (derived) or a number of bytes")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError("PINFER_MIN_AGREEMENT must be between 0 and 1")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:

@@ -116,9 +116,9 @@ def _load_model(**_: Any) -> None:
         metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
                           runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
         _state["status"] = "READY"
-        log.info("model %s (%s, pretrained=%s, %s, %d threads) ready in %.1fs", runtime.info.name,
-                 runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.threads,
-                 time.perf_counter() - t0)
+        log.info("model %s (%s, pretrained=%s, %s/%s, %d threads) ready in %.1fs", runtime.info.name,
+                 runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.runtime,
+                 runtime.threads, time.perf_counter() - t0)
         if not runtime.info.pretrained:
             log.warning("THIS MODEL WAS NOT BUILT FROM THE OFFICIAL WEIGHTS: its labels are meaningless "
                         "(run `pinfer export-model` with the official resnet18-f37072fd.pth)")
@@ -136,7 +136,8 @@ def _heartbeat_info() -> dict:
             "images": _state["images"]}
     if rt is not None:
         info.update(model=rt.info.name, sha256=rt.info.sha256, pretrained=int(rt.info.pretrained),
-                    precision=rt.precision, resize=settings.resize, threads=rt.threads)
+                    precision=rt.precision, runtime=rt.runtime, selection=rt.selection, resize=settings.resize,
+                    threads=rt.threads)
     if _state.get("error"):
         info["error"] = _state["error"]
     return info

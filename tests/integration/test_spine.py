@@ -194,3 +194,44 @@ def test_a_lost_message_is_found_and_published_again(make_stack):
     assert f"prediction {lost} was accepted" in log  # republished by the sweeper, once
     assert log.count(f"prediction {lost} was accepted") == 1
     assert requests.get(stack.base + "/readyz", timeout=5).status_code == 200
+
+
+def test_onnx_runtime_int8_serves_what_it_computes_in_process_without_torch(make_stack, resnet_variants,
+                                                                          tmp_path_factory):
+    """The same end-to-end comparison as fp32, for the ONNX Runtime int8 variant of ResNet-18: results
+    computed by a pinned worker in batches equal each photo classified alone in this process, and that
+    worker process never mapped libtorch."""
+    from tests.integration._images import source_photos
+    from weights.manifest import read_manifest, verify_variant
+    from worker.runtimes.ort import OrtBackend
+
+    photos = source_photos(tmp_path_factory.mktemp("int8-photos"))[:24]
+    stack = make_stack(workers=1, PINFER_MODEL_DIR=resnet_variants, PINFER_PRECISION="int8",
+                       PINFER_RUNTIME="onnx")
+    with ThreadPoolExecutor(8) as pool:
+        subs = list(pool.map(lambda p: (p, stack.submit(p.read_bytes(), top_k=5)), photos))
+        results = list(pool.map(lambda s: (s[0], stack.result(s[1]["id"])), subs))
+    failed = [(p.name, r.get("error")) for p, r in results if r["status"] != "succeeded"]
+    assert not failed, failed
+    variant = next(v for v in read_manifest(resnet_variants).variant_list() if v.key == "int8/onnx")
+    assert {(r["model"]["precision"], r["model"]["runtime"], r["model"]["sha256"]) for _, r in results} == \
+        {("int8", "onnx", variant.artifact_sha256)}
+    worker = stack.workers()[0]
+    assert "int8/onnx" in worker["selection"]
+    maps = open(f"/proc/{worker['pid']}/maps").read()
+    assert "onnxruntime" in maps and "libtorch" not in maps
+
+    from shared.settings import Settings
+    from shared.transforms import preprocess
+
+    backend = OrtBackend(verify_variant(resnet_variants, variant), "int8", threads=1)
+    s = Settings(resize="exact")
+    for p, r in results:
+        probs = backend.probs(preprocess(p.read_bytes(), s)[None])[0]
+        order = np.argsort(-probs, kind="stable")
+        got = [t["class_index"] for t in r["top_k"]]
+        for rank, idx in enumerate(got):
+            if idx != order[rank]:
+                assert abs(probs[idx] - probs[order[rank]]) < 1e-5, (p.name, rank, got, order[:5])
+        for t in r["top_k"]:
+            assert abs(t["score"] - float(probs[t["class_index"]])) <= 1e-4, (p.name, t)

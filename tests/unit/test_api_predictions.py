@@ -328,6 +328,7 @@ def test_long_poll_times_out_with_the_current_status(client, images):
 # --- health & page -----------------------------------------------------------------------------------
 def worker_info(**over) -> dict:
     info = {"state": "READY", "model": "resnet18", "sha256": "x", "pretrained": 0, "precision": "fp32",
+            "runtime": "onnx", "selection": "PINFER_PRECISION=auto fell back to fp32/onnx",
             "pid": 123, "host": "h", "core": "0"}
     info.update(over)
     return info
@@ -358,7 +359,8 @@ def test_readyz_is_200_with_a_ready_worker_and_warns_about_random_weights(client
     body = resp.get_json()
     assert body["status"] == "ready" and body["ready_workers"] == 1
     assert body["pretrained"] is False and "warning" in body
-    assert body["models"] == [{"name": "resnet18", "sha256": "x", "pretrained": False, "precision": "fp32"}]
+    assert body["models"] == [{"name": "resnet18", "sha256": "x", "pretrained": False, "precision": "fp32",
+                               "runtime": "onnx", "selection": "PINFER_PRECISION=auto fell back to fp32/onnx"}]
     assert [w["name"] for w in body["workers"]] == ["w1"]
 
 

@@ -437,7 +437,7 @@ def test_real_tiny_model_classifies_good_images_and_fails_the_corrupt_one(store,
         assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
         assert 0 < sum(t["score"] for t in top) <= 1.0 + 1e-6
         assert rec.result["model"] == {"name": "fixture-tiny", "sha256": runtime.info.sha256,
-                                       "pretrained": False, "precision": "fp32"}
+                                       "pretrained": False, "precision": "fp32", "runtime": "torchscript"}
         assert rec.result["timings"]["batch_size"] == 3
 
 

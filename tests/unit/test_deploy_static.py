@@ -618,6 +618,10 @@ def test_entrypoint_roles(tmp_path):
                                   "EXPORT_WEIGHTS": "/weights/nowhere.pth"})
     assert missing.returncode == 2 and missing.stdout == ""
     assert "/weights/nowhere.pth" in missing.stderr and "-v" in missing.stderr
+    assert run("model", PINFER_MODEL_DIR="/m", EXPORT_PRECISION="fp32,int8", EXPORT_RUNTIME="torchscript,onnx",
+               EXPORT_CALIBRATION="/calibration") == \
+        "pinfer export-model --out /m --if-missing --fallback-random-init --precision fp32,int8 " \
+        "--runtime torchscript,onnx --calibration /calibration"
     assert run("echo", "hi") == "hi"
 
 

@@ -190,3 +190,52 @@ def test_manifest_module_does_not_import_torch() -> None:
     code = "import sys, weights.manifest; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_int8_without_calibration_photos_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path / "m"), "--random-init", "--precision", "fp32,int8"]) == 1
+    err = capsys.readouterr().err
+    assert "int8 needs calibration photos: pass --calibration DIR" in err
+    assert not (tmp_path / "m" / "manifest.json").exists()
+    assert main(["--out", str(tmp_path / "m"), "--random-init", "--precision", "int4"]) == 1
+    assert "--precision 'int4': choose from fp32, bf16, int8" in capsys.readouterr().err
+
+
+def test_calibration_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    from weights.variants import split_calibration
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    names = [f"img-{i:02d}.jpg" for i in range(30)]
+    for folder, order in ((a, names), (b, list(reversed(names)))):  # created in opposite orders
+        (folder / "sub").mkdir(parents=True)
+        for n in order:
+            (folder / ("sub" if n.endswith("7.jpg") else "") / n).write_bytes(b"x")
+        (folder / "notes.txt").write_text("not an image")
+    calib, holdout = split_calibration(a, 8, 10)
+    assert [p.relative_to(a) for p in calib] == [p.relative_to(b) for p in split_calibration(b, 8, 10)[0]]
+    assert len(calib) == 8 and len(holdout) == 10 and not set(calib) & set(holdout)
+    assert sorted(calib) != calib  # shuffled with the fixed seed, not just the first names
+    assert split_calibration(a, 8, 10, seed=1)[0] != calib
+
+
+def test_if_missing_builds_variants_the_present_artifact_lacks(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--out", str(tmp_path), "--random-init"]) == 0
+    assert main(["--out", str(tmp_path), "--random-init", "--if-missing"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path), "--random-init", "--if-missing", "--runtime", "torchscript,onnx"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out
+    keys = {v.key for v in read_manifest(tmp_path).variant_list()}
+    assert keys == {"fp32/torchscript", "fp32/onnx"}
+    assert main(["--out", str(tmp_path), "--random-init", "--if-missing", "--runtime", "onnx"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_pinfer_up_passes_the_same_variant_options_to_the_export() -> None:
+    from pinfer.cli import _variant_args
+
+    args = _variant_args(["--precision", "fp32,int8", "--runtime", "onnx", "--calibration", "photos"])
+    assert args[args.index("--precision") + 1] == "fp32,int8" and args[args.index("--runtime") + 1] == "onnx"
+    assert args[args.index("--calibration") + 1] == "photos"
+    with pytest.raises(SystemExit):
+        _variant_args(["--bogus"])

@@ -12,7 +12,7 @@ from shared.settings import Settings
 def test_defaults_without_environment():
     s = Settings.from_env({})
     assert s == Settings()
-    assert (s.max_top_k, s.default_top_k, s.precision, s.core_lease) == (20, 5, "fp32", False)
+    assert (s.max_top_k, s.default_top_k, s.precision, s.core_lease) == (20, 5, "auto", False)
 
 
 def test_parses_ints_floats_strings_and_bools():
