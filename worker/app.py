@@ -142,10 +142,9 @@ def worker_name() -> str:
 @signals.worker_process_init.connect
 def _load_model(**_: Any) -> None:
     """Load, verify and warm the model once per process; on failure report SETUP_FAILED and exit."""
+    from worker.batching import FlushRule
     from worker.classify import Classifier
     from worker.runtime import ModelRuntime
-
-    from worker.batching import FlushRule
 
     store = Store(settings)
     name = worker_name()
