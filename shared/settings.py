@@ -99,7 +99,10 @@ class Settings:
                      "(README, Preprocessing), hence the default. `exact` is torchvision's Resize(256)+"
                      "CenterCrop(224)+Normalize bit for bit.", ("exact", "fast"))
     max_batch: int = _s("PINFER_MAX_BATCH", 16, "Most images classified in one forward pass.")
-    max_wait_ms: int = _s("PINFER_MAX_WAIT_MS", 10, "How long a worker waits for a batch to fill after its first image.")
+    max_wait_ms: int = _s("PINFER_MAX_WAIT_MS", 10,
+                          "Longest a worker holds an image while more messages that are already queued for it "
+                          "arrive to fill the batch. A worker never waits for images not yet submitted: with "
+                          "nothing else queued an image runs at once, as a batch of one.")
     bulk_chunk: int = _s("PINFER_BULK_CHUNK", 2,
                          "While interactive traffic is recent, bulk images per forward pass between checks for "
                          "waiting interactive work (otherwise bulk runs in full PINFER_MAX_BATCH batches).")
@@ -216,6 +219,8 @@ class Settings:
             raise ValueError("PINFER_REDIS_MAXMEMORY must be 0 (derived) or a number of bytes")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ValueError("PINFER_MIN_AGREEMENT must be between 0 and 1")
+        if self.max_wait_ms < 1:
+            raise ValueError("PINFER_MAX_WAIT_MS must be at least 1 (a worker never holds a lone image anyway)")
         if self.visibility_timeout_s < 5:
             raise ValueError("PINFER_VISIBILITY_TIMEOUT_S must be at least 5 seconds")
         if self.batch_time_limit_s >= self.visibility_timeout_s:

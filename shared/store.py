@@ -147,6 +147,14 @@ class Store:
         """Whether an interactive message sits in its queue, not yet fetched by any worker."""
         return self.r.llen(keys.QUEUE_INTERACTIVE) > 0
 
+    def queued_by_lane(self) -> tuple[int, int]:
+        """Messages waiting in the interactive and bulk queues, not yet fetched by any worker (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.llen(keys.QUEUE_INTERACTIVE)
+        pipe.llen(keys.QUEUE_BULK)
+        interactive, bulk = pipe.execute()
+        return int(interactive), int(bulk)
+
     def interactive_recent(self) -> bool:
         """Whether an interactive image was submitted within PINFER_INTERACTIVE_WINDOW_S."""
         return bool(self.r.exists(keys.INTERACTIVE_RECENT))

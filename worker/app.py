@@ -1,10 +1,15 @@
 """The Celery worker application: ``celery -A worker.app worker --pool solo`` (see ``pinfer worker``).
 
 The classify task is a celery-batches ``Batches`` task: messages (one prediction ID each) are
-buffered until PINFER_MAX_BATCH of them arrived or PINFER_MAX_WAIT_MS passed, then classified
-together. ``PriorityBatches`` adds two things: only the requests actually handled are acknowledged
-(bulk requests handed back because interactive work is waiting go back into the buffer, unacked),
-and the model is loaded once per process in ``worker_process_init``, before any task is taken.
+buffered and classified together. ``PriorityBatches`` adds three things, and is the one place that
+touches celery-batches' internals (``_buffer``, ``_pending``, ``_pool``, ``_do_flush``):
+
+* adaptive flushing (``worker.batching``): besides celery-batches' own triggers (PINFER_MAX_BATCH
+  messages, or PINFER_MAX_WAIT_MS), the buffer is classified as soon as the broker has nothing more
+  waiting for this worker, so a lone image never waits for the batch window;
+* only the requests actually handled are acknowledged (bulk requests handed back because
+  interactive work is waiting go back into the buffer, unacked);
+* the model is loaded once per process in ``worker_process_init``, before any task is taken.
 """
 from __future__ import annotations
 
@@ -33,12 +38,50 @@ _state: dict[str, Any] = {"classifier": None, "status": "STARTING", "batches": 0
 
 
 def _lane(request) -> str:
+    """The lane of a Celery request or a kombu message: the queue it was routed to."""
     rk = (request.delivery_info or {}).get("routing_key")
     return BULK if rk == keys.QUEUE_BULK else INTERACTIVE
 
 
 class PriorityBatches(Batches):
     abstract = True
+    _look_again_tref = None
+    _arrivals = _arrivals_seen = 0
+
+    def Strategy(self, task, app, consumer):
+        """celery-batches' message handler builds and buffers the request (and flushes at
+        PINFER_MAX_BATCH); then the flush rule decides whether the buffer is classified at once."""
+        from worker.batching import LOOK_AGAIN_S
+
+        buffer_message = super().Strategy(task, app, consumer)
+        timer = consumer.timer
+
+        def on_message(message, *args, **kwargs):
+            buffer_message(message, *args, **kwargs)
+            self._arrivals += 1
+            if self._buffer.empty():  # the count trigger flushed already
+                return
+            if _state["flush_rule"].arrived(_lane(message)):
+                self._do_flush()
+            elif self._look_again_tref is None:
+                self._look_again_tref = timer.call_repeatedly(LOOK_AGAIN_S, self._look_again)
+
+        return on_message
+
+    def _look_again(self) -> None:
+        """While waiting for messages counted in the broker: if none came since the last look,
+        another worker may have taken them; ask again and flush if nothing is left to wait for."""
+        if self._buffer.empty():
+            self._stop_looking()
+        elif self._arrivals != self._arrivals_seen:
+            self._arrivals_seen = self._arrivals
+        elif _state["flush_rule"].look_again():
+            self._do_flush()
+
+    def _stop_looking(self) -> None:
+        if self._look_again_tref is not None:
+            self._look_again_tref.cancel()
+            self._look_again_tref = None
 
     def flush(self, requests):
         """Like Batches.flush, but ack only what ``run`` handled and re-buffer what it deferred.
@@ -49,6 +92,8 @@ class PriorityBatches(Batches):
         from celery_batches import SimpleRequest
         from celery_batches.trace import apply_batches_task
 
+        self._stop_looking()
+        _state["flush_rule"].flushed()
         by_id = {r.id: r for r in requests}
         # Deferring needs room to fetch the waiting interactive message: unacked < prefetch.
         self.may_defer = len(requests) < self.app.conf.worker_prefetch_multiplier - 1
@@ -98,13 +143,14 @@ def worker_name() -> str:
 def _load_model(**_: Any) -> None:
     """Load, verify and warm the model once per process; on failure report SETUP_FAILED and exit."""
     from worker import metrics
+    from worker.batching import FlushRule
     from worker.classify import Classifier
     from worker.runtime import ModelRuntime
 
     store = Store(settings)
     name = worker_name()
     logs.set_context(worker=name)
-    _state.update(name=name, store=store)
+    _state.update(name=name, store=store, flush_rule=FlushRule(store.queued_by_lane))
     metrics.watch_state(lambda: _state["status"])
     metrics.serve(settings.metrics_port, int(os.environ.get("PINFER_WORKER_SLOT") or 0))
     _start_heartbeat(store, name)
