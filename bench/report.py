@@ -177,10 +177,13 @@ def print_summary(res: dict) -> None:
     """The side-by-side table and the targets, on the terminal."""
     print("\n== side by side ==")
     header = ["variant", "in-process", "pinfer", "share", "pinfer idle p50/p95", "baseline", "baseline idle"]
-    rows = variant_rows(res)
+    rows = [r for r in variant_rows(res) if not r[1].startswith("skipped")]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for r in [header, *rows]:
         print("  " + "  ".join(c.replace("`", "").ljust(w) for c, w in zip(r, widths)))
+    for r in variant_rows(res):
+        if r[1].startswith("skipped"):
+            print(f"  {r[0].replace('`', '')}: {r[1]}")
     print("\n== targets (issue 7) ==")
     for what, target, value, mark in targets_rows(res):
         print(f"  {mark.replace('*', ''):<13} {value:>8}  {target:<12} {what}")

@@ -296,16 +296,17 @@ class Stack:
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
     def log_problems(self) -> dict[str, int]:
-        """Count error-looking lines per log file (Traceback, ERROR, CRITICAL, 5xx in access logs)."""
+        """Count error-looking lines per log file (Traceback, ERROR, CRITICAL, 5xx in access logs;
+        not /readyz's 503 "not ready yet", which the start-up wait asks for)."""
         out: dict[str, int] = {}
         for path in sorted(self.workdir.rglob("*.log")):
             try:
                 text = path.read_text(errors="replace")
             except OSError:
                 continue
-            n = sum(1 for line in text.splitlines()
-                    if "Traceback" in line or " ERROR" in line or "CRITICAL" in line or "[error]" in line
-                    or '" 500 ' in line or '" 502 ' in line or '" 503 ' in line or '"status":50' in line)
+            n = sum(1 for line in text.splitlines() if "/readyz" not in line and (
+                    "Traceback" in line or " ERROR" in line or "CRITICAL" in line or "[error]" in line
+                    or '" 500 ' in line or '" 502 ' in line or '" 503 ' in line or '"status":50' in line))
             if n:
                 out[str(path.relative_to(self.workdir))] = n
         return out
