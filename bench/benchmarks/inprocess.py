@@ -2,12 +2,11 @@
 
 No queue, no HTTP, no Redis: the most one worker could do. Each variant runs in a child process
 pinned to the server core with one thread, loading the model exactly as a worker does (the
-runtime factory of ``worker.runtime``, which verifies the artifact and warms up) and using the
-worker's own ``shared.transforms.preprocess``. A variant that loads as something else (bf16 on a
+runtime factory of ``worker.runtime``, which verifies the artifact and warms up) and driving the
+worker's own ``Classifier`` over batches of 16 queued images; its store is an in-process
+fakeredis whose time is measured and subtracted (``store_per_image`` reports it). A variant that loads as something else (bf16 on a
 CPU without bf16 units falls back to fp32; a runtime without the artifact) is skipped, not
 measured under a false name.
-
-    python -m bench.benchmarks.inprocess SPEC_JSON     (the child; prints one JSON line)
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ from shared.settings import PROJECT_ROOT
 
 NAME = "inprocess"
 BATCH = 16
+CHILD = "import json, sys; from bench.benchmarks.inprocess import child; print(json.dumps(child(json.loads(sys.argv[1]))))"
 
 
 def run(ctx: Ctx, f: Figures) -> None:
@@ -48,11 +48,13 @@ def run(ctx: Ctx, f: Figures) -> None:
         g.add("preprocess_per_image", r["preprocess_ms_per_image"], "ms")
         g.add("model_per_image", r["model_ms_per_image"], "ms")
         g.add("model_per_image_batch1", r["model_ms_per_image_batch1"], "ms")
+        g.add("store_per_image", r["store_ms_per_image"], "ms")
         g.add("images", r["images"])
         g.add("failed", r["failed"])
         print(f"  {v.name}: {r['images_per_s']:.1f} img/s (preprocess {r['preprocess_ms_per_image']:.1f} ms, "
               f"model {r['model_ms_per_image']:.1f} ms/image at batch {BATCH})", flush=True)
-    f.note(f"decode+preprocess -> batches of {BATCH} -> model -> top-5, in a child pinned to core "
+    f.note(f"worker.classify.Classifier.run on batches of {BATCH} (decode, preprocess, model, top-5, results), "
+           "minus the time in its (fakeredis) store, in a child pinned to core "
            f"{ctx.server_cores[0]} with 1 thread; {passes} pass(es) over {len(ctx.corpus)} images after warm-up; "
            "model_per_image_batch1: the same images one at a time (model only)")
 
@@ -63,7 +65,7 @@ def measure(ctx: Ctx, v: Variant, folder: Path, passes: int) -> dict:
     spec = {"core": core, "model_dir": str(ctx.model_dir), "env": v.env(), "corpus": str(folder),
             "synthetic_n": len(ctx.corpus), "passes": passes}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "bench.benchmarks.inprocess", json.dumps(spec)], cwd=PROJECT_ROOT,
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=PROJECT_ROOT,
                        env=env, capture_output=True, text=True, timeout=1200,
                        preexec_fn=lambda: os.sched_setaffinity(0, {core}))
     if p.returncode != 0:
@@ -91,59 +93,88 @@ def runtime_name(rt, info: dict) -> str:  # noqa: ANN001
     return "onnx" if "onnx" in cls else "torchscript"
 
 
+class _Timed:
+    """A proxy that adds the time spent in every method call of ``target`` to ``self.seconds``."""
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return attr(*a, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
 def child(spec: dict) -> dict:
+    """The worker's own ``Classifier.run`` over batches of 16 queued images, its store an
+    in-process fakeredis whose time is measured and left out: what remains is everything the
+    worker does per batch except talking to Redis (decode, preprocess, batching, forward, top-k,
+    building results)."""
     os.sched_setaffinity(0, {spec["core"]})
-    import numpy as np
+    import fakeredis
 
-    from shared.errors import ImageError
+    from shared.schema import INTERACTIVE, SUCCEEDED, new_id
     from shared.settings import Settings
-    from shared.transforms import preprocess
+    from shared.store import Store
+    from worker.classify import Classifier, Item
 
-    settings = Settings.from_env({**spec["env"], "PINFER_MODEL_DIR": spec["model_dir"]})
+    settings = Settings.from_env({**spec["env"], "PINFER_MODEL_DIR": spec["model_dir"],
+                                  "PINFER_MAX_BATCH": str(BATCH)})
     datas = [i.data for i in load_corpus(Path(spec["corpus"]), spec["synthetic_n"]).images]
     rt = load_runtime(settings)
     info = rt.info.public()
+    server = fakeredis.FakeServer()
+    store = _Timed(Store(settings, fakeredis.FakeRedis(server=server, decode_responses=True),
+                         fakeredis.FakeRedis(server=server)))
+    runtime = _Timed(rt)
+    clf = Classifier(settings, store, runtime, "bench-inprocess", interactive_waiting=lambda: False,
+                     interactive_recent=lambda: False)
 
-    def one_pass() -> tuple[float, float, int, int, list]:
-        t_pre = t_fwd = 0.0
-        done = failed = 0
-        kept = []
-        for start in range(0, len(datas), BATCH):
-            t0 = time.perf_counter()
-            tensors = []
-            for d in datas[start:start + BATCH]:
-                try:
-                    tensors.append(preprocess(d, settings))
-                except ImageError:
-                    failed += 1
-            t1 = time.perf_counter()
-            if tensors:
-                for p in rt.forward(np.stack(tensors)):
-                    rt.top_k(p, 5)
-                done += len(tensors)
-                kept.extend(tensors)
-            t_pre += t1 - t0
-            t_fwd += time.perf_counter() - t1
-        return t_pre, t_fwd, done, failed, kept
+    def one_pass() -> tuple[float, list[str]]:
+        pids = []
+        for d in datas:  # queued as the API would queue them (not timed)
+            pid = new_id()
+            store.submit(pid, d, 5, INTERACTIVE)
+            pids.append(pid)
+        store.seconds = runtime.seconds = 0.0
+        t0 = time.perf_counter()
+        for start in range(0, len(pids), BATCH):
+            clf.run([Item(pid) for pid in pids[start:start + BATCH]], may_defer=False)
+        return time.perf_counter() - t0, pids
 
-    for d in datas[:BATCH]:  # warm the decoders and the allocator on real images
-        preprocess(d, settings)
-    t_pre = t_fwd = 0.0
+    one_pass()  # warm-up: decoders, allocator, the model's batch shapes
+    total = t_store = t_model = 0.0
     done = failed = 0
     for _ in range(spec["passes"]):
-        a, b, c, e, kept = one_pass()
-        t_pre, t_fwd, done, failed = t_pre + a, t_fwd + b, done + c, failed + e
+        secs, pids = one_pass()
+        total += secs
+        t_store += store.seconds
+        t_model += runtime.seconds
+        recs = store.get_many(pids)
+        done += sum(1 for r in recs if r is not None and r.status == SUCCEEDED)
+        failed += sum(1 for r in recs if r is not None and r.status != SUCCEEDED)
+    work = total - t_store
+    import numpy as np
+
+    from shared.transforms import preprocess
+
+    xs = [preprocess(d, settings) for d in datas]
     t1 = time.perf_counter()
-    for x in kept:  # batch 1: what a lone image costs the model
-        rt.forward(x[None])
-    batch1 = (time.perf_counter() - t1) / max(1, len(kept)) * 1000
-    total = t_pre + t_fwd
-    return {"images_per_s": done / total, "images": done, "failed": failed, "seconds": total,
-            "preprocess_ms_per_image": t_pre / done * 1000, "model_ms_per_image": t_fwd / done * 1000,
-            "model_ms_per_image_batch1": batch1, "precision": info.get("precision", settings.precision),
-            "runtime": runtime_name(rt, info),
+    for x in xs:  # batch 1: what a lone image costs the model
+        rt.forward(np.asarray(x)[None])
+    batch1 = (time.perf_counter() - t1) / max(1, len(xs)) * 1000
+    n = max(1, done + failed)
+    return {"images_per_s": done / work, "images": done, "failed": failed, "seconds": work,
+            "preprocess_ms_per_image": (work - t_model) / n * 1000, "model_ms_per_image": t_model / n * 1000,
+            "store_ms_per_image": t_store / n * 1000, "model_ms_per_image_batch1": batch1,
+            "precision": info.get("precision", settings.precision), "runtime": runtime_name(rt, info),
             "affinity": sorted(os.sched_getaffinity(0))}
-
-
-if __name__ == "__main__":
-    print(json.dumps(child(json.loads(sys.argv[1]))))
