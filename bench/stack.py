@@ -13,6 +13,9 @@ started, matched by pid *and* start time so a recycled pid is never hit).
 
 Logs of each stack go to ``bench/out/logs/<stack name>/`` (redis.log, api-<port>.log,
 workers-<n>.log, nginx/): after a run, grep them for errors.
+
+(Over 300 lines because it is the benchmarks' whole process harness; issue 8's single stack
+module, shared with ``pinfer up`` and the integration tests, is meant to replace it.)
 """
 from __future__ import annotations
 

@@ -98,16 +98,19 @@ def select(patterns: list[str] | None, quick: bool) -> list[Variant]:
 
 
 def export_models(out: Path, calibration: Path, log: Path) -> dict:
-    """Export every precision this code can build into ``out`` (one manifest); returns what was
-    done, for the JSON. Tries the exporter with ``--precision``/``--calibration`` first and falls
-    back to a plain export when it does not know them yet."""
+    """Export every variant this code can build into ``out`` (one manifest); returns what was
+    done, for the JSON. Tries ``--precision``/``--runtime``/``--calibration`` with everything first,
+    then without ONNX (onnxruntime missing), then a plain export (an exporter without variants);
+    ``tried`` records each failure, ``bench/out/export.log`` has the exporter's output."""
     given = os.environ.get("PINFER_BENCH_MODEL_DIR")
     if given:
         return {"model_dir": given, "export": "given by PINFER_BENCH_MODEL_DIR", "manifest": read_manifest(Path(given))}
     out.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "pinfer.cli", "export-model", "--out", str(out), "--random-init", "--seed", "0"]
+    every = ["--precision", ",".join(PRECISIONS), "--calibration", str(calibration)]
     attempts = [
-        (base + ["--precision", ",".join(PRECISIONS), "--calibration", str(calibration)], "fp32,bf16,int8"),
+        (base + every + ["--runtime", ",".join(RUNTIMES)], f"{','.join(PRECISIONS)} x {','.join(RUNTIMES)}"),
+        (base + every, f"{','.join(PRECISIONS)}, default runtime only (no onnx: see `tried`)"),
         (base, "fp32 only (the exporter has no --precision yet)"),
     ]
     tried = []
