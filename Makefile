@@ -48,8 +48,15 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
-bench: $(STAMP)
-	$(PY) -m bench.run
+# `make bench` = a full run, published (bench/results/ + README block); `make bench ARGS=--quick`
+# or `ARGS='e2e --variants torchscript-*'` for a subset (written to bench/out/, README untouched).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench --publish $(ARGS)
 
 # 10 minutes at ~70 % of capacity with a worker SIGKILL every 2 minutes (not in CI): RSS, p50/p99, lost
 soak: $(STAMP)

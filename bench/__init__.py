@@ -1,1 +1,1 @@
-"""Benchmarks of the whole service: `python -m bench.run --help`, bench/README.md."""
+"""Benchmarks of the whole service: `python -m bench --help`, bench/README.md."""

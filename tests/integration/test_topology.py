@@ -2,7 +2,7 @@
 gunicorn API replicas, pinned Celery workers, and compose-style worker replicas sharing one host's
 cores through Redis core leases.
 
-Everything is a real process started the way a user starts it (pinfer.procs, tests/topology.py);
+Everything is a real process started the way a user starts it (pinfer.procs, pinfer/topology.py);
 waits are on observable conditions (wait_until, process exit), never on fixed sleeps.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import requests
 from pinfer.procs import Proc, free_port, start_api, start_workers, wait_until
 from shared import keys
 from tests.integration.conftest import TERMINAL, jpeg
-from tests.topology import nginx_binary, nginx_command, nginx_test, render_nginx_conf
+from pinfer.topology import nginx_binary, nginx_command, nginx_test, render_nginx_conf
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
-from tests.topology import nginx_binary, nginx_test, render_nginx_conf
+from pinfer.topology import nginx_binary, nginx_test, render_nginx_conf
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -1,4 +1,4 @@
-"""Helpers to run the deployment topology (nginx in front of API processes) on loopback in tests.
+"""Run the deployment topology (nginx in front of API processes) on loopback, for the tests and `make bench`.
 
 ``render_nginx_conf`` turns ``deploy/nginx.conf`` (written for docker compose: upstream ``api:8000``,
 ``listen 80``, logs to /dev/stdout, the image's pid and temp paths) into a config that an

@@ -1,0 +1,1 @@
+"""The designs pinfer is measured against (see flask_sync.py)."""
