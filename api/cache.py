@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from shared.schema import SERVING
 from shared.store import Store, cache_digest
 
 #: How long one API process trusts its last reading of the workers' heartbeats. Short, so a roll-out
@@ -43,7 +44,7 @@ class ResultCache:
         with self._lock:
             if now - self._read_at < SERVING_TTL_S:
                 return self._serving
-        ready = [w for w in self.store.live_workers() if w.get("state") in ("READY", "BUSY")]
+        ready = [w for w in self.store.live_workers() if w.get("state") in SERVING]
         models = {(w.get("sha256"), w.get("precision"), w.get("resize") or self.store.settings.resize)
                   for w in ready}
         found = None

@@ -16,7 +16,7 @@ log = logging.getLogger("pinfer.api")
 def error_response(err: PinferError, extra: dict | None = None):
     body = {"error": err.to_dict(), **(extra or {})}
     resp = jsonify(body)
-    resp.status_code = err.status
+    resp.status_code = err.status or 500  # a ResultError has no HTTP status of its own
     if err.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="pinfer"'
     retry_after = getattr(err, "retry_after_s", None)  # 429, 503, 409 in progress: say when to retry

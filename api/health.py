@@ -4,6 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify
 
 from api.extensions import pinfer
+from shared.schema import SERVING
 
 bp = Blueprint("health", __name__)
 
@@ -17,7 +18,7 @@ def snapshot() -> dict:
     store = pinfer().store
     store.r.ping()
     workers = store.live_workers()
-    ready = [w for w in workers if w.get("state") in ("READY", "BUSY")]
+    ready = [w for w in workers if w.get("state") in SERVING]
     models = {(w.get("model"), w.get("sha256"), w.get("pretrained"), w.get("precision"), w.get("runtime"),
                w.get("selection")) for w in ready}
     body = {

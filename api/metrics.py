@@ -21,7 +21,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.schema import JOB_CANCELED, JOB_CLOSED, JOB_FINISHED, JOB_OPEN
+from shared.schema import JOB_CANCELED, JOB_CLOSED, JOB_FINISHED, JOB_OPEN, WorkerState
 from shared.store import Store
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -38,7 +38,7 @@ REJECTED = Counter("pinfer_http_overloaded_total",
                    "(global | job).", ["scope"])
 
 JOB_STATUSES = (JOB_OPEN, JOB_CLOSED, JOB_FINISHED, JOB_CANCELED)
-WORKER_STATES = ("STARTING", "READY", "BUSY", "SETUP_FAILED")
+WORKER_STATES = tuple(WorkerState)
 
 #: Families RedisCollector yields (the Grafana/static tests compare queries with these).
 REDIS_METRICS = ("pinfer_queue_messages", "pinfer_pending_images", "pinfer_unacked_messages", "pinfer_jobs",

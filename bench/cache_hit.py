@@ -19,6 +19,7 @@ from PIL import Image
 
 from api import create_app
 from pinfer.procs import start_redis
+from shared.schema import WorkerState
 from shared.settings import Settings
 from shared.store import Store, cache_digest
 
@@ -30,7 +31,7 @@ def main(argv: list[str]) -> int:
         s = Settings(redis_url=url)
         store = Store(s)
         sha = "c" * 64
-        store.heartbeat("bench", {"state": "READY", "model": "resnet18", "sha256": sha, "pretrained": 0,
+        store.heartbeat("bench", {"state": WorkerState.READY, "model": "resnet18", "sha256": sha, "pretrained": 0,
                                   "precision": s.precision, "resize": s.resize})
         buf = io.BytesIO()
         Image.effect_noise((640, 480), 40).convert("RGB").save(buf, "JPEG", quality=90)

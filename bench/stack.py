@@ -34,6 +34,7 @@ from typing import Iterable, Iterator
 from bench.http import stats
 from pinfer import procs
 from pinfer.procs import Proc, free_port, start_redis, wait_until
+from shared.schema import SERVING
 from shared.settings import PROJECT_ROOT
 
 OUT_DIR = PROJECT_ROOT / "bench" / "out"
@@ -252,7 +253,7 @@ class Stack:
         return self.ready_workers()
 
     def ready_workers(self) -> list[dict]:
-        return [w for w in stats(self.base)["workers"] if w.get("state") in ("READY", "BUSY")]
+        return [w for w in stats(self.base)["workers"] if w.get("state") in SERVING]
 
     def stop_workers(self, timeout: float = 30.0) -> None:
         for p in self.worker_procs:

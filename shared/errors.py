@@ -167,38 +167,40 @@ class ServiceUnavailable(PinferError):
         self.retry_after_s = retry_after_s
 
 
-# --- worker-side terminal failures ---------------------------------------------------------------
-class WorkerCrashed(PinferError):
-    """Raised (stored as a result) when an image was delivered PINFER_MAX_DELIVERIES times and each
-    delivery ended with its worker process dying: it is failed instead of looping forever."""
+# --- failures that exist only as stored results or process exits ----------------------------------
+class ResultError(PinferError):
+    """Base of failures a client only ever reads in a result (or an operator in a log), never as an
+    HTTP answer: ``status`` is None. Should one reach the API's handler anyway, it answers 500."""
+
+    status = None
+
+
+class WorkerCrashed(ResultError):
+    """Stored when an image ran PINFER_MAX_DELIVERIES times and its worker process died each time
+    (at least once with no other image in the forward pass): failed instead of looping forever."""
 
     code = "worker_crashed"
-    status = 500
 
 
-class InferenceError(PinferError):
+class InferenceError(ResultError):
     """Raised when the model itself fails on a batch (bad artifact, runtime error)."""
 
     code = "inference_error"
-    status = 500
 
 
-class Canceled(PinferError):
-    """Raised (stored as a result) when the image's job was canceled before it ran."""
+class Canceled(ResultError):
+    """Stored when the image's job was canceled before it ran."""
 
     code = "canceled"
-    status = 409
 
 
-class ModelArtifactError(PinferError):
+class ModelArtifactError(ResultError):
     """Raised when the model artifact is missing, or its sha256 does not match its manifest."""
 
     code = "model_artifact_error"
-    status = 500
 
 
-class WeightsUnavailable(PinferError):
+class WeightsUnavailable(ResultError):
     """Raised when export-model finds no official weights (no --weights, no hub cache, no network)."""
 
     code = "weights_unavailable"
-    status = 500

@@ -6,6 +6,7 @@ place that decides what a client sees.
 """
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 from dataclasses import dataclass, field
@@ -17,6 +18,20 @@ STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED)
 INTERACTIVE, BULK = "interactive", "bulk"
 
 JOB_OPEN, JOB_CLOSED, JOB_FINISHED, JOB_CANCELED = "open", "closed", "finished", "canceled"
+
+
+class WorkerState(enum.StrEnum):
+    """A worker process's state, as its heartbeat reports it (a StrEnum: stored and compared as text)."""
+
+    STARTING = "STARTING"          # loading, verifying and warming the model
+    READY = "READY"                # waiting for work
+    BUSY = "BUSY"                  # classifying a batch
+    SETUP_FAILED = "SETUP_FAILED"  # the model could not be loaded; the heartbeat's ``error`` says why
+
+
+#: States of a worker that has a model loaded and takes work: what /readyz, the launcher and the
+#: result cache count as serving.
+SERVING = (WorkerState.READY, WorkerState.BUSY)
 
 
 def new_id() -> str:

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import redis
 
 from shared import connections, keys, lua
-from shared.errors import Conflict, NotFound, Overloaded, ServiceUnavailable
+from shared.errors import Canceled, Conflict, NotFound, Overloaded, ServiceUnavailable
 from shared.schema import (CANCELED, FAILED, INTERACTIVE, JOB_CANCELED, JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING,
                            SUCCEEDED, Job, Prediction)
 from shared.settings import Settings
@@ -349,7 +349,7 @@ class Store:
             pipe.hset(keys.job(jid), "webhook_status", "pending")
             pipe.rpush(keys.WEBHOOK_OUTBOX, f"j:{jid}")
         pipe.execute()
-        err = {"error_code": "canceled", "error_message": "the job was canceled before this image ran",
+        err = {"error_code": Canceled.code, "error_message": "the job was canceled before this image ran",
                "finished_at": time.time()}
         start = 0
         while True:

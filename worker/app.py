@@ -26,7 +26,7 @@ from celery_batches import Batches
 
 from shared import keys, logs
 from shared.broker import make_celery
-from shared.schema import BULK, INTERACTIVE
+from shared.schema import BULK, INTERACTIVE, SERVING, WorkerState
 from shared.settings import Settings
 from shared.store import Store
 
@@ -34,7 +34,7 @@ log = logging.getLogger("pinfer.worker")
 settings = Settings.from_env()
 app = make_celery(settings, name="pinfer-worker")
 
-_state: dict[str, Any] = {"classifier": None, "status": "STARTING", "batches": 0, "images": 0}
+_state: dict[str, Any] = {"classifier": None, "status": WorkerState.STARTING, "batches": 0, "images": 0}
 
 
 def _lane(request) -> str:
@@ -124,11 +124,11 @@ def classify(self, requests):
 
     clf = _state["classifier"]
     items = [Item(pid=str(r.args[0]), lane=_lane(r), tag=r.id) for r in requests if r.args]
-    _state.update(status="BUSY", busy_since=time.monotonic())
+    _state.update(status=WorkerState.BUSY, busy_since=time.monotonic())
     try:
         out = clf.run(items, may_defer=getattr(self, "may_defer", True))
     finally:
-        _state.update(status="READY", busy_since=None)
+        _state.update(status=WorkerState.READY, busy_since=None)
     _state["batches"] += 1
     _state["images"] += len(out.done)
     return {"deferred": [i.tag for i in out.deferred]}
@@ -161,7 +161,7 @@ def _load_model(**_: Any) -> None:
         _state["classifier"] = Classifier(settings, store, runtime, name)
         metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
                           runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
-        _state["status"] = "READY"
+        _state["status"] = WorkerState.READY
         log.info("model %s (%s, pretrained=%s, %s/%s, %d threads) ready in %.1fs", runtime.info.name,
                  runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.runtime,
                  runtime.threads, time.perf_counter() - t0)
@@ -169,7 +169,7 @@ def _load_model(**_: Any) -> None:
             log.warning("THIS MODEL WAS NOT BUILT FROM THE OFFICIAL WEIGHTS: its labels are meaningless "
                         "(run `pinfer export-model` with the official resnet18-f37072fd.pth)")
     except Exception as exc:
-        _state.update(status="SETUP_FAILED", error=str(exc))
+        _state.update(status=WorkerState.SETUP_FAILED, error=str(exc))
         store.heartbeat(name, _heartbeat_info())
         log.critical("worker setup failed: %s", exc)
         os._exit(3)
@@ -207,7 +207,7 @@ def _start_heartbeat(store: Store, name: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
                 store.heartbeat(name, _heartbeat_info())
-                if _state["status"] in ("READY", "BUSY"):
+                if _state["status"] in SERVING:
                     republished = sweeper.sweep()
                     if republished:
                         REPUBLISHED.inc(len(republished))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Mapping
 
 from shared import keys
+from shared.schema import SERVING
 from shared.settings import Settings
 from worker.threads import PINNED_CORE_ENV, torch_threads
 
@@ -224,7 +225,7 @@ def check(settings: Settings) -> int:
     except Exception as exc:
         print(f"redis unreachable: {exc}", file=sys.stderr)
         return 1
-    mine = [w for w in workers if w.get("host") == me and w.get("state") in ("READY", "BUSY")]
+    mine = [w for w in workers if w.get("host") == me and w.get("state") in SERVING]
     print(f"{len(mine)} ready worker(s) on {me}")
     return 0 if mine else 1
 

@@ -21,10 +21,12 @@ from prometheus_client import REGISTRY, Counter, Histogram, Info, start_http_ser
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.schema import WorkerState
+
 log = logging.getLogger(__name__)
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-STATES = ("STARTING", "READY", "BUSY", "SETUP_FAILED")
+STATES = tuple(WorkerState)
 
 IMAGES = Counter("pinfer_worker_images_total", "Images finished by this worker, by lane, outcome "
                  "(succeeded | failed) and error code (`none` when succeeded).", ["lane", "outcome", "code"])

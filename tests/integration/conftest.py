@@ -19,11 +19,11 @@ import requests
 from PIL import Image
 
 from pinfer.procs import Proc, free_port, start_api, start_redis, start_workers, wait_until
+from shared.schema import TERMINAL  # noqa: F401 (tests import it from here)
 from shared.settings import Settings
 from shared.store import Store
 
 pytestmark = pytest.mark.integration
-TERMINAL = ("succeeded", "failed", "canceled")
 
 
 @pytest.fixture(scope="session")

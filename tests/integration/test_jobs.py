@@ -30,10 +30,10 @@ from client.ingest import ingest, load_state, state_path_for
 from client.sdk import Client
 from pinfer.procs import ROOT, wait_until
 from shared import keys
+from shared.schema import TERMINAL
 from tests.integration._images import add_broken_and_other_files, image_tree, named_images, source_photos
 
 pytestmark = pytest.mark.integration
-TERMINAL = ("succeeded", "failed", "canceled")
 BULK_PENDING = 100  # the bulk stack's PINFER_MAX_PENDING_PER_JOB
 
 
