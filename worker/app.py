@@ -162,6 +162,10 @@ def _load_model(**_: Any) -> None:
         metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
                           runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
         _state["status"] = WorkerState.READY
+        try:  # announce it now, not at the next tick: /readyz and `pinfer up` wait for this
+            store.heartbeat(name, _heartbeat_info())
+        except Exception as exc:  # Redis away: the heartbeat thread keeps trying
+            log.warning("heartbeat failed: %s", exc)
         log.info("model %s (%s, pretrained=%s, %s/%s, %d threads) ready in %.1fs", runtime.info.name,
                  runtime.info.sha256[:12], runtime.info.pretrained, runtime.precision, runtime.runtime,
                  runtime.threads, time.perf_counter() - t0)

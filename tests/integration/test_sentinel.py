@@ -121,7 +121,7 @@ def test_failover_loses_nothing_accepted_and_workers_follow_the_new_primary(tmp_
         env = {**os.environ, "PINFER_REDIS_URL": url, "PINFER_MODEL_DIR": str(model_dir), "PINFER_WORKERS": "1",
                "PINFER_API_PROCESSES": "1", "PINFER_API_THREADS": "16", "PINFER_MAX_WAITERS": "8",
                "PINFER_HEARTBEAT_S": "1", "PINFER_VISIBILITY_TIMEOUT_S": "10", "PINFER_BATCH_TIME_LIMIT_S": "8",
-               "PINFER_RESTORE_INTERVAL_S": "2", "PYTHONUNBUFFERED": "1"}
+               "PINFER_RESTORE_INTERVAL_S": "2", "PINFER_CACHE_TTL_S": "0", "PYTHONUNBUFFERED": "1"}
         settings = Settings.from_env(env)
         api_port = free_port()
         base = f"http://127.0.0.1:{api_port}"
