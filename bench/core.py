@@ -156,6 +156,20 @@ def summarize_ms(xs: Sequence[float]) -> dict[str, float]:
             "max_ms": max(ms), "n": len(ms)}
 
 
+def add_load_figures(g: Figures, idle: Sequence[float], loaded: Sequence[float], recs: list[dict],
+                     wall: float) -> tuple[dict[str, float], float]:
+    """The figures every served benchmark reports (images/s, idle and loaded p50/p95); returns the
+    idle summary and the rate for the caller's own figures."""
+    si, sl = summarize_ms(idle), summarize_ms(loaded)
+    rate = len(recs) / wall
+    g.add("images_per_s", rate, "img/s")
+    g.add("idle_p50", si["p50_ms"], "ms")
+    g.add("idle_p95", si["p95_ms"], "ms")
+    g.add("loaded_p50", sl["p50_ms"], "ms")
+    g.add("loaded_p95", sl["p95_ms"], "ms")
+    return si, rate
+
+
 def timing_stats(recs: list[dict]) -> dict[str, float]:
     """Means of the server's per-image timings and batch sizes over the succeeded records."""
     t = [r.get("timings") or (r.get("result") or {}).get("timings") or {} for r in recs if r.get("status") == "succeeded"]

@@ -88,6 +88,17 @@ def closed_loop(base: str, datas: Sequence[bytes], clients: int) -> tuple[float,
     return time.perf_counter() - t0, [x[0] for x in out], [x[1] for x in out]
 
 
+def closed_loops(base: str, datas: Sequence[bytes], clients: int, rounds: int
+                 ) -> tuple[float, list[float], list[dict]]:
+    """``rounds`` closed loops over ``datas`` one after the other: (total wall seconds, every
+    per-image latency, every record)."""
+    wall, lat, recs = 0.0, [], []
+    for _ in range(rounds):
+        w, l, r = closed_loop(base, datas, clients)
+        wall, lat, recs = wall + w, lat + l, recs + r
+    return wall, lat, recs
+
+
 def run_threads(fn: Callable[[Any], Any], items: Sequence[Any], threads: int) -> list[Any]:
     """``fn`` over ``items`` with a thread pool; results in order; the first exception is raised."""
     with ThreadPoolExecutor(threads) as pool:

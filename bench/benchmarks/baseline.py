@@ -7,8 +7,8 @@ throughput of 8 concurrent clients over the corpus, the seed documents' load.
 """
 from __future__ import annotations
 
-from bench.core import Ctx, Figures, statuses, summarize_ms
-from bench.http import closed_loop, sequential_latencies
+from bench.core import Ctx, Figures, add_load_figures, statuses
+from bench.http import closed_loops, sequential_latencies
 from bench.variants import REFERENCE
 
 NAME = "baseline"
@@ -25,20 +25,9 @@ def run(ctx: Ctx, f: Figures) -> None:
         g = f.variant(v)
         with ctx.stack(f"baseline-{v.name}", v, baseline=True) as st, ctx.as_client():
             idle, _, _ = sequential_latencies(st.base, img.data, n_idle, warm)
-            walls, lat, recs = [], [], []
-            for _ in range(rounds):
-                wall, l, r = closed_loop(st.base, [im.data for im in ctx.corpus.images], CLIENTS)
-                walls.append(wall)
-                lat += l
-                recs += r
+            wall, lat, recs = closed_loops(st.base, [im.data for im in ctx.corpus.images], CLIENTS, rounds)
             problems = st.log_problems()
-        si, sl = summarize_ms(idle), summarize_ms(lat)
-        rate = len(recs) / sum(walls)
-        g.add("images_per_s", rate, "img/s")
-        g.add("idle_p50", si["p50_ms"], "ms")
-        g.add("idle_p95", si["p95_ms"], "ms")
-        g.add("loaded_p50", sl["p50_ms"], "ms")
-        g.add("loaded_p95", sl["p95_ms"], "ms")
+        si, rate = add_load_figures(g, idle, lat, recs, wall)
         g.add("statuses", statuses(recs))
         inp = ctx.inprocess_rate(v)
         if inp:

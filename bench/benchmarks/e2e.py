@@ -9,8 +9,8 @@ server core; the load generator's threads run on the other. Per variant, on a fr
 """
 from __future__ import annotations
 
-from bench.core import Ctx, Figures, batch_histogram, served, statuses, summarize_ms, timing_stats
-from bench.http import closed_loop, sequential_latencies
+from bench.core import Ctx, Figures, add_load_figures, batch_histogram, served, statuses, timing_stats
+from bench.http import closed_loop, closed_loops, sequential_latencies
 
 NAME = "e2e"
 CLIENTS = 16
@@ -29,20 +29,9 @@ def run(ctx: Ctx, f: Figures) -> None:
         with ctx.stack(f"e2e-{v.name}", v, workers=1) as st, ctx.as_client():
             idle, idle_recs, _ = sequential_latencies(st.base, img.data, n_idle, warm)
             closed_loop(st.base, [im.data for im in ctx.corpus.images[:CLIENTS]], CLIENTS)  # warm-up
-            walls, lat, recs = [], [], []
-            for _ in range(rounds):
-                wall, l, r = closed_loop(st.base, [im.data for im in ctx.corpus.images], CLIENTS)
-                walls.append(wall)
-                lat += l
-                recs += r
+            wall, lat, recs = closed_loops(st.base, [im.data for im in ctx.corpus.images], CLIENTS, rounds)
             problems = st.log_problems()
-        si, sl = summarize_ms(idle), summarize_ms(lat)
-        rate = len(recs) / sum(walls)
-        g.add("images_per_s", rate, "img/s")
-        g.add("idle_p50", si["p50_ms"], "ms")
-        g.add("idle_p95", si["p95_ms"], "ms")
-        g.add("loaded_p50", sl["p50_ms"], "ms")
-        g.add("loaded_p95", sl["p95_ms"], "ms")
+        si, rate = add_load_figures(g, idle, lat, recs, wall)
         ti = timing_stats(idle_recs)
         if ti:
             g.add("idle_server_total_mean", ti["server_total_ms"], "ms")

@@ -34,6 +34,19 @@ def reference_probs(model_dir, photos) -> dict:
     return out
 
 
+
+def assert_same_top_k(name: str, result: dict, probs: np.ndarray) -> None:
+    """A served result names the same top-k, with the same scores, as ``probs`` computed in process;
+    a swap is tolerated only where the reference itself is tied within 1e-5."""
+    order = np.argsort(-probs, kind="stable")
+    got = [t["class_index"] for t in result["top_k"]]
+    for rank, idx in enumerate(got):
+        if idx != order[rank]:
+            assert abs(probs[idx] - probs[order[rank]]) < 1e-5, (name, rank, got, order[:5])
+    for t in result["top_k"]:
+        assert abs(t["score"] - float(probs[t["class_index"]])) <= 1e-4, (name, t)
+        assert t["label"]
+
 def test_corpus_concurrently_matches_in_process_classification(make_stack, corpus, model_dir):
     stack = make_stack(workers=2)
     with ThreadPoolExecutor(16) as pool:
@@ -46,16 +59,7 @@ def test_corpus_concurrently_matches_in_process_classification(make_stack, corpu
 
     ref = reference_probs(model_dir, corpus)
     for p, r in results:
-        probs = ref[p.name]
-        order = np.argsort(-probs, kind="stable")
-        got = [t["class_index"] for t in r["top_k"]]
-        # Same top-5; a swap is tolerated only where the reference itself is tied within 1e-5.
-        for rank, idx in enumerate(got):
-            if idx != order[rank]:
-                assert abs(probs[idx] - probs[order[rank]]) < 1e-5, (p.name, rank, got, order[:5])
-        for t in r["top_k"]:
-            assert abs(t["score"] - float(probs[t["class_index"]])) <= 1e-4, (p.name, t)
-            assert t["label"]
+        assert_same_top_k(p.name, r, ref[p.name])
 
 
 def _pids_running(stack, ids) -> int:
@@ -227,11 +231,4 @@ def test_onnx_runtime_int8_serves_what_it_computes_in_process_without_torch(make
     backend = OrtBackend(verify_variant(resnet_variants, variant), "int8", threads=1)
     s = Settings(resize="exact")
     for p, r in results:
-        probs = backend.probs(preprocess(p.read_bytes(), s)[None])[0]
-        order = np.argsort(-probs, kind="stable")
-        got = [t["class_index"] for t in r["top_k"]]
-        for rank, idx in enumerate(got):
-            if idx != order[rank]:
-                assert abs(probs[idx] - probs[order[rank]]) < 1e-5, (p.name, rank, got, order[:5])
-        for t in r["top_k"]:
-            assert abs(t["score"] - float(probs[t["class_index"]])) <= 1e-4, (p.name, t)
+        assert_same_top_k(p.name, r, backend.probs(preprocess(p.read_bytes(), s)[None])[0])
