@@ -39,7 +39,9 @@ class Corpus:
 
     def describe(self) -> str:
         mb = sum(len(i.data) for i in self.images) / 1e6
-        kind = "SYNTHETIC JPEGs (photo corpus absent)" if self.synthetic else f"photos from {self.source}"
+        # relative to the checkout, so committed results never name this machine's paths
+        kind = ("SYNTHETIC JPEGs (photo corpus absent)" if self.synthetic
+                else f"photos from {os.path.relpath(self.source, PROJECT_ROOT)}")
         return f"{len(self.images)} {kind}, {mb:.1f} MB"
 
     def mid_jpeg(self) -> BenchImage:
