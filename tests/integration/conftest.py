@@ -27,6 +27,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A fast-loading fixture artifact (tests/fixtures/models.py): for tests whose workers restart
+    often (poison kills) or whose forward passes must be quick (batching)."""
+    from tests.fixtures.models import make_fixture_model
+
+    d = tmp_path_factory.mktemp("tiny-model")
+    make_fixture_model("tiny", d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A seeded random-init artifact: the official weights cannot be downloaded here."""
     from weights.export import export_model

@@ -20,14 +20,6 @@ WINDOW_MS = 2000
 MAX_BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from tests.fixtures.models import make_fixture_model
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    make_fixture_model("tiny", d)
-    return d
-
 
 def test_a_lone_image_is_not_held_for_the_batch_window(make_stack, tiny_model_dir):
     stack = make_stack(workers=1, PINFER_MODEL_DIR=tiny_model_dir, PINFER_MAX_WAIT_MS=WINDOW_MS,

@@ -91,15 +91,6 @@ def test_sigkill_mid_batch_loses_nothing_and_recovers_within_a_minute(make_stack
     stack.wait_ready(1, exclude_pids={victim})
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A fast-loading fixture artifact: each poison kill restarts the worker, which reloads it."""
-    from tests.fixtures.models import make_fixture_model
-
-    d = tmp_path_factory.mktemp("tiny-model")
-    make_fixture_model("tiny", d)
-    return d
-
 
 def test_poison_images_fail_after_bounded_deliveries_and_spare_every_neighbour(make_stack, tiny_model_dir):
     """Three poison images, first, in the middle and last of the batches they share with healthy
