@@ -132,6 +132,11 @@ class Settings:
                                  "A batch running longer is taken as hung: the worker process kills itself and "
                                  "its images are delivered again (counting toward PINFER_MAX_DELIVERIES). Must "
                                  "stay below PINFER_VISIBILITY_TIMEOUT_S.")
+    allow_untested_celery: bool = _s("PINFER_ALLOW_UNTESTED_CELERY", False,
+                                     "Start workers even on celery / kombu / celery-batches versions that "
+                                     "worker/celery_adapter.py (the library internals pinfer relies on) was not "
+                                     "verified with, logging a warning instead of refusing. For trying a new "
+                                     "release after tests/integration/test_celery_adapter.py passes on it.")
     # --- API server --------------------------------------------------------------------------
     api_threads: int = _s("PINFER_API_THREADS", 256,
                            "Threads per gunicorn API process (gthread); a long-poll holds one while it waits.")

@@ -1,8 +1,8 @@
 """The Celery worker application: ``celery -A worker.app worker --pool solo`` (see ``pinfer worker``).
 
 The classify task is a celery-batches ``Batches`` task: messages (one prediction ID each) are
-buffered and classified together. ``PriorityBatches`` adds three things, and is the one place that
-touches celery-batches' internals (``_buffer``, ``_pending``, ``_pool``, ``_do_flush``):
+buffered and classified together. ``PriorityBatches`` adds three things (the celery-batches
+internals they need live in ``worker.celery_adapter``, behind a version check):
 
 * adaptive flushing (``worker.batching``): besides celery-batches' own triggers (PINFER_MAX_BATCH
   messages, or PINFER_MAX_WAIT_MS), the buffer is classified as soon as the broker has nothing more
@@ -22,111 +22,42 @@ import time
 from typing import Any
 
 from celery import signals
-from celery_batches import Batches
 
 from shared import keys, logs
 from shared.broker import make_celery
-from shared.schema import BULK, INTERACTIVE, SERVING, WorkerState
+from shared.schema import SERVING, WorkerState
 from shared.settings import Settings
 from shared.store import Store
+from worker.celery_adapter import AdaptiveBatches, check_versions, lane_of
 
 log = logging.getLogger("pinfer.worker")
 settings = Settings.from_env()
+check_versions(settings.allow_untested_celery)  # refuse to start on library versions never verified
 app = make_celery(settings, name="pinfer-worker")
 
 _state: dict[str, Any] = {"classifier": None, "status": WorkerState.STARTING, "batches": 0, "images": 0}
 
 
-def _lane(request) -> str:
-    """The lane of a Celery request or a kombu message: the queue it was routed to."""
-    rk = (request.delivery_info or {}).get("routing_key")
-    return BULK if rk == keys.QUEUE_BULK else INTERACTIVE
+class PriorityBatches(AdaptiveBatches):
+    """The classify task's base: celery-batches plus pinfer's flush rule (worker.batching, built
+    per process in ``worker_process_init``); the internals it needs live in worker.celery_adapter."""
 
-
-class PriorityBatches(Batches):
     abstract = True
-    _look_again_tref = None
-    _arrivals = _arrivals_seen = 0
 
-    def Strategy(self, task, app, consumer):
-        """celery-batches' message handler builds and buffers the request (and flushes at
-        PINFER_MAX_BATCH); then the flush rule decides whether the buffer is classified at once."""
-        from worker.batching import LOOK_AGAIN_S
-
-        buffer_message = super().Strategy(task, app, consumer)
-        timer = consumer.timer
-
-        def on_message(message, *args, **kwargs):
-            buffer_message(message, *args, **kwargs)
-            self._arrivals += 1
-            if self._buffer.empty():  # the count trigger flushed already
-                return
-            if _state["flush_rule"].arrived(_lane(message)):
-                self._do_flush()
-            elif self._look_again_tref is None:
-                self._look_again_tref = timer.call_repeatedly(LOOK_AGAIN_S, self._look_again)
-
-        return on_message
-
-    def _look_again(self) -> None:
-        """While waiting for messages counted in the broker: if none came since the last look,
-        another worker may have taken them; ask again and flush if nothing is left to wait for."""
-        if self._buffer.empty():
-            self._stop_looking()
-        elif self._arrivals != self._arrivals_seen:
-            self._arrivals_seen = self._arrivals
-        elif _state["flush_rule"].look_again():
-            self._do_flush()
-
-    def _stop_looking(self) -> None:
-        if self._look_again_tref is not None:
-            self._look_again_tref.cancel()
-            self._look_again_tref = None
-
-    def flush(self, requests):
-        """Like Batches.flush, but ack only what ``run`` handled and re-buffer what it deferred.
-
-        If the batch function itself raised (e.g. Redis went away mid-batch), nothing is acked:
-        the messages are rejected with requeue so they are delivered again, never silently lost.
-        """
-        from celery_batches import SimpleRequest
-        from celery_batches.trace import apply_batches_task
-
-        self._stop_looking()
-        _state["flush_rule"].flushed()
-        by_id = {r.id: r for r in requests}
-        # Deferring needs room to fetch the waiting interactive message: unacked < prefetch.
-        self.may_defer = len(requests) < self.app.conf.worker_prefetch_multiplier - 1
-
-        def on_return(result):
-            if not isinstance(result, dict):
-                for req in requests:
-                    try:
-                        req.reject(requeue=True)
-                    except Exception:  # broker away: visibility timeout redelivers them
-                        log.exception("could not requeue %s", req.id)
-                return
-            deferred = set(result.get("deferred", ()))
-            for rid, req in by_id.items():
-                if rid in deferred:
-                    self._pending.put(req)  # still unacked: flushed again with the next batch
-                else:
-                    req.acknowledge()
-
-        serializable = ([SimpleRequest.from_request(r) for r in requests],)
-        return self._pool.apply_async(apply_batches_task, (self, serializable, 0, None), callback=on_return)
+    def flush_rule(self):
+        return _state["flush_rule"]
 
 
 @app.task(base=PriorityBatches, name=keys.TASK_CLASSIFY, bind=True,
           flush_every=settings.max_batch, flush_interval=settings.max_wait_ms / 1000.0)
-def classify(self, requests):
+def classify(self, requests, may_defer: bool = True):
     from worker.classify import Item
 
     clf = _state["classifier"]
-    items = [Item(pid=str(r.args[0]), lane=_lane(r), tag=r.id) for r in requests if r.args]
+    items = [Item(pid=str(r.args[0]), lane=lane_of(r), tag=r.id) for r in requests if r.args]
     _state.update(status=WorkerState.BUSY, busy_since=time.monotonic())
     try:
-        out = clf.run(items, may_defer=getattr(self, "may_defer", True))
+        out = clf.run(items, may_defer=may_defer)
     finally:
         _state.update(status=WorkerState.READY, busy_since=None)
     _state["batches"] += 1

@@ -249,8 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(settings)
     from shared import logs
+    from worker.celery_adapter import UntestedVersions, check_versions
 
     logs.setup(settings.log_format, args.loglevel)
+    try:  # here too, so a wrong install stops at once instead of each child exiting in a restart loop
+        check_versions(settings.allow_untested_celery)
+    except UntestedVersions as exc:
+        log.critical("%s", exc)
+        return 2
     return Launcher(settings, args.loglevel).run()
 
 

@@ -10,12 +10,11 @@ the message at the head of their queue (queues are FIFO, so such a message was a
 and that no unacked message refers to. A live worker may hold one popped message for the length
 of a batch before recording it, so a prediction is republished only when two sweeps at least
 ``confirm_s`` apart both find it orphaned. The claim step makes a rare
-double delivery harmless: a finished prediction is never classified twice.
+double delivery harmless: a finished prediction is never classified twice. Reading kombu's
+messages (queue items, the ``unacked`` hash) is worker.celery_adapter's job.
 """
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import time
 from typing import Callable
@@ -23,25 +22,9 @@ from typing import Callable
 from shared import keys
 from shared.schema import QUEUED
 from shared.store import Store
+from worker.celery_adapter import message_pid, unacked_pids
 
 log = logging.getLogger("pinfer.sweeper")
-
-
-def message_pid(raw: str | bytes) -> str | None:
-    """The prediction ID inside a kombu/Celery (protocol 2, JSON) message, or None."""
-    try:
-        msg = json.loads(raw)
-        if isinstance(msg, list):  # unacked entries are [message, exchange, routing_key]
-            msg = msg[0]
-        if not isinstance(msg, dict):
-            return None
-        body = msg["body"]
-        if msg.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return str(args[0]) if isinstance(args, list) and args else None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
 
 
 class Sweeper:
@@ -79,7 +62,7 @@ class Sweeper:
         if not candidates:
             self.store.r.delete(keys.SWEEP_SUSPECTS)
             return []
-        held = {message_pid(v) for v in self.store.r.hvals(keys.KOMBU_UNACKED)}
+        held = unacked_pids(self.store.r.hvals(keys.KOMBU_UNACKED))
         orphans = [p for p in self.store.get_many(candidates)
                    if p is not None and p.status == QUEUED and p.attempts == 0 and p.id not in held
                    and p.enqueued_at < cutoff]

@@ -2,65 +2,63 @@
 sweeps at least ``confirm_s`` apart agree, exactly once, and never while a message for them is in a
 queue or in kombu's ``unacked`` hash.
 
-The kombu Redis layout is built by hand in fakeredis: queue lists (LPUSH adds, BRPOP takes from the
-right) holding JSON messages in kombu's format, and the ``unacked`` hash (tag -> [message, exchange,
-routing_key]). Clocks are replaced per module (store: when records were created; sweeper: now).
+The store is fakeredis; the kombu layout in it is made of real messages: each one published through
+pinfer's Celery app to a real redis-server (tests/fixtures/celery_messages.py) and copied into the
+queue lists (LPUSH adds, BRPOP takes from the right) or, as a real consumer's fetch left it, into the
+``unacked`` hash. Clocks are replaced per module (store: when records were created; sweeper: now).
 """
 from __future__ import annotations
 
-import base64
 import json
 import time
-import uuid
 from types import SimpleNamespace
 
 import pytest
 
 from shared import keys
 from shared.schema import BULK, INTERACTIVE, QUEUED, RUNNING, new_id
-from worker.sweeper import Sweeper, message_pid
+from tests.fixtures.celery_messages import RealBroker, queue_of
+from worker.celery_adapter import message_pid
+from worker.sweeper import Sweeper
 
 GRACE, CONFIRM = 30.0, 4.0
 NOW = time.time()
 
 
-def kombu_message(pid: str, queue: str) -> dict:
-    """A Celery protocol-2 task message as kombu's Redis transport stores it."""
-    body = json.dumps([[pid], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    return {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"lang": "py", "task": keys.TASK_CLASSIFY, "id": str(uuid.uuid4()), "retries": 0,
-                    "argsrepr": repr([pid]), "kwargsrepr": "{}", "origin": "gen1@api"},
-        "properties": {"correlation_id": str(uuid.uuid4()), "reply_to": str(uuid.uuid4()),
-                       "delivery_mode": 2, "delivery_info": {"exchange": queue, "routing_key": queue},
-                       "priority": 0, "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
-    }
-
-
 class Broker:
-    """What the real publisher does to Redis: LPUSH a message onto the lane's queue list."""
+    """What the real publisher and consumers do to Redis, with real messages (``real``)."""
 
-    def __init__(self, r) -> None:
-        self.r = r
+    def __init__(self, r, real: RealBroker) -> None:
+        self.r, self.real = r, real
         self.published: list[tuple[str, str]] = []
+        self._pid: dict[str, tuple[str, str]] = {}  # queue item -> (pid, lane)
 
     def push(self, pid: str, lane: str = INTERACTIVE) -> None:
-        queue = keys.QUEUE_BULK if lane == BULK else keys.QUEUE_INTERACTIVE
-        self.r.lpush(queue, json.dumps(kombu_message(pid, queue)))
+        raw = self.real.queued(pid, lane)
+        self._pid[raw] = (pid, lane)
+        self.r.lpush(queue_of(lane), raw)
 
     def __call__(self, pid: str, lane: str) -> None:  # the sweeper's ``publish``
         self.published.append((pid, lane))
         self.push(pid, lane)
 
-    def fetch(self, queue: str = keys.QUEUE_INTERACTIVE) -> str:
+    def fetch(self, queue: str = keys.QUEUE_INTERACTIVE) -> None:
         """A worker's BRPOP followed by kombu recording the message as unacked."""
-        raw = self.r.rpop(queue)
-        msg = json.loads(raw)
-        tag = msg["properties"]["delivery_tag"]
-        self.r.hset(keys.KOMBU_UNACKED, tag, json.dumps([msg, queue, queue]))
+        pid, lane = self._pid[self.r.rpop(queue)]
+        self.hold(pid, lane)
+
+    def hold(self, pid: str, lane: str = INTERACTIVE) -> str:
+        """Put kombu's ``unacked`` entry for a fetched message of ``pid``; returns its tag."""
+        tag, value = self.real.unacked(pid, lane)
+        self.r.hset(keys.KOMBU_UNACKED, tag, value)
         return tag
+
+
+@pytest.fixture(scope="module")
+def real_broker(tmp_path_factory):
+    b = RealBroker(tmp_path_factory.mktemp("redis"))
+    yield b
+    b.close()
 
 
 @pytest.fixture
@@ -73,8 +71,8 @@ def clock(monkeypatch):
 
 
 @pytest.fixture
-def broker(store):
-    return Broker(store.r)
+def broker(store, real_broker):
+    return Broker(store.r, real_broker)
 
 
 @pytest.fixture
@@ -124,10 +122,9 @@ def test_orphan_is_republished_on_its_own_lane(store, broker, sweeper, clock):
 def test_a_second_sweep_that_no_longer_sees_the_orphan_forgets_the_suspicion(store, broker, sweeper, clock):
     pid = submit(store)
     sweep_at(sweeper, clock, NOW)
-    tag_msg = kombu_message(pid, keys.QUEUE_INTERACTIVE)  # a worker turns out to hold it
-    store.r.hset(keys.KOMBU_UNACKED, "t1", json.dumps([tag_msg, keys.QUEUE_INTERACTIVE, keys.QUEUE_INTERACTIVE]))
+    tag = broker.hold(pid)  # a worker turns out to hold it
     assert sweep_at(sweeper, clock, NOW + CONFIRM) == []
-    store.r.hdel(keys.KOMBU_UNACKED, "t1")  # ... then it is gone again: a fresh suspicion, not a confirmation
+    store.r.hdel(keys.KOMBU_UNACKED, tag)  # ... then it is gone again: a fresh suspicion, not a confirmation
     assert sweep_at(sweeper, clock, NOW + 2 * CONFIRM) == []
     assert sweep_at(sweeper, clock, NOW + 3 * CONFIRM) == [pid]
     assert broker.published == [(pid, INTERACTIVE)]
@@ -210,32 +207,6 @@ def test_only_one_sweeper_at_a_time(store, broker, sweeper, clock):
     sweep_at(sweeper, clock, NOW + 2 * CONFIRM)
     assert store.r.get(keys.SWEEP_LOCK) is None  # released after its sweep
     assert store.r.hlen(keys.SWEEP_SUSPECTS) == 1
-
-
-# --- message_pid ------------------------------------------------------------------------------------------
-def test_message_pid_reads_a_queue_message_and_an_unacked_entry():
-    msg = kombu_message("abc123", keys.QUEUE_BULK)
-    assert message_pid(json.dumps(msg)) == "abc123"
-    assert message_pid(json.dumps(msg).encode()) == "abc123"
-    assert message_pid(json.dumps([msg, keys.QUEUE_BULK, keys.QUEUE_BULK])) == "abc123"
-
-
-def test_message_pid_reads_a_plain_json_body():
-    msg = kombu_message("p1", keys.QUEUE_BULK)
-    msg["body"] = json.dumps([["p1"], {}, {}])
-    del msg["properties"]["body_encoding"]
-    assert message_pid(json.dumps(msg)) == "p1"
-
-
-@pytest.mark.parametrize("raw", ["", "not json", "{}", "[]", "[1, 2]", '{"body": "%%%"}',
-                                 json.dumps({"body": base64.b64encode(b"[[], {}, {}]").decode(),
-                                             "properties": {"body_encoding": "base64"}}),
-                                 json.dumps({"body": base64.b64encode(b"nope").decode(),
-                                             "properties": {"body_encoding": "base64"}}),
-                                 "null", b"\xff\xfe",
-                                 '{"body": "x", "properties": null}', '{"body": "x", "properties": []}'])
-def test_message_pid_returns_none_on_garbage(raw):
-    assert message_pid(raw) is None
 
 
 def test_a_malformed_unacked_entry_does_not_stop_the_sweeper(store, broker, sweeper, clock):
