@@ -175,7 +175,7 @@ def test_a_lost_message_is_found_and_published_again(make_stack):
     r = stack.store.r
     messages = r.lrange(keys.QUEUE_INTERACTIVE, 0, -1)
     assert len(messages) == 2
-    from worker.sweeper import message_pid
+    from worker.celery_adapter import message_pid
 
     [victim] = [m for m in messages if message_pid(m) == lost]
     assert r.lrem(keys.QUEUE_INTERACTIVE, 1, victim) == 1  # the message is gone; the record is queued
