@@ -9,7 +9,9 @@ touches celery-batches' internals (``_buffer``, ``_pending``, ``_pool``, ``_do_f
   waiting for this worker, so a lone image never waits for the batch window;
 * only the requests actually handled are acknowledged (bulk requests handed back because
   interactive work is waiting go back into the buffer, unacked);
-* the model is loaded once per process in ``worker_process_init``, before any task is taken.
+* the model is loaded once per process in ``worker_process_init``, before any task is taken, and
+  replaced between batches when a new one is rolled out (``worker.reload``, run from the consumer's
+  timer: the thread that runs batches, so no batch mixes two models).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import signal
 import socket
 import threading
+import json
 import time
 from typing import Any
 
@@ -46,6 +49,7 @@ def _lane(request) -> str:
 class PriorityBatches(Batches):
     abstract = True
     _look_again_tref = None
+    _reload_tref = None
     _arrivals = _arrivals_seen = 0
 
     def Strategy(self, task, app, consumer):
@@ -53,8 +57,12 @@ class PriorityBatches(Batches):
         PINFER_MAX_BATCH); then the flush rule decides whether the buffer is classified at once."""
         from worker.batching import LOOK_AGAIN_S
 
+        from worker.reload import TICK_S
+
         buffer_message = super().Strategy(task, app, consumer)
         timer = consumer.timer
+        if self._reload_tref is None:  # the event loop's timer: runs between batches, never during one
+            PriorityBatches._reload_tref = timer.call_repeatedly(TICK_S, _maybe_reload)
 
         def on_message(message, *args, **kwargs):
             buffer_message(message, *args, **kwargs)
@@ -147,6 +155,8 @@ def _load_model(**_: Any) -> None:
     from worker.classify import Classifier
     from worker.runtime import ModelRuntime
 
+    from worker.reload import Reloader
+
     store = Store(settings)
     name = worker_name()
     logs.set_context(worker=name)
@@ -155,9 +165,16 @@ def _load_model(**_: Any) -> None:
     metrics.serve(settings.metrics_port, int(os.environ.get("PINFER_WORKER_SLOT") or 0))
     _start_heartbeat(store, name)
     try:
+        # Read before the model: a `pinfer reload` issued while it loads is acted on afterwards.
+        generation = store.reload_generation()
+    except Exception as exc:
+        generation = 0
+        log.warning("reload counter not read: %s", exc)
+    try:
         t0 = time.perf_counter()
         runtime = ModelRuntime(settings)
         _state["runtime"] = runtime
+        _state["reloader"] = Reloader(settings, runtime, generation)
         _state["classifier"] = Classifier(settings, store, runtime, name)
         metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
                           runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
@@ -179,6 +196,42 @@ def _load_model(**_: Any) -> None:
         os._exit(3)
 
 
+def _maybe_reload() -> None:
+    """Between batches (the consumer's timer, in the thread that runs them): roll out a new model if
+    the model folder changed or `pinfer reload` asked; the old one keeps serving if that fails."""
+    from worker import metrics
+
+    reloader = _state.get("reloader")
+    if reloader is None or _state["status"] != WorkerState.READY:
+        return
+    try:
+        reason = reloader.due()
+        if reason is None:
+            return
+        _state["status"] = WorkerState.RELOADING
+        _announce()
+        swapped = reloader.reload(reason)
+        if swapped:
+            runtime = reloader.runtime
+            _state["runtime"] = runtime
+            _state["classifier"].runtime = runtime
+            metrics.set_model(runtime.info.name, runtime.info.sha256, runtime.runtime, runtime.precision,
+                              runtime.info.pretrained, _state["name"], os.environ.get("PINFER_WORKER_CORE", ""))
+    except Exception:  # never let the roll-out machinery take the worker down: keep serving what it has
+        log.exception("model reload check failed")
+    finally:
+        if _state["status"] == WorkerState.RELOADING:
+            _state["status"] = WorkerState.READY
+            _announce()  # before the next batch: /readyz and the result cache see the new sha at once
+
+
+def _announce() -> None:
+    try:
+        _state["store"].heartbeat(_state["name"], _heartbeat_info())
+    except Exception as exc:  # Redis away: the heartbeat thread keeps trying
+        log.warning("heartbeat failed: %s", exc)
+
+
 def _heartbeat_info() -> dict:
     rt = _state.get("runtime")
     info = {"state": _state["status"], "pid": os.getpid(), "host": socket.gethostname(),
@@ -190,6 +243,11 @@ def _heartbeat_info() -> dict:
                     threads=rt.threads)
     if _state.get("error"):
         info["error"] = _state["error"]
+    reloader = _state.get("reloader")
+    if reloader is not None:
+        info.update(manifest_sha256=reloader.served_manifest, reloads=reloader.reloads,
+                    # always written, so a cleared error replaces the old one in the hash
+                    reload_error=json.dumps(reloader.error) if reloader.error else "")
     return info
 
 
@@ -211,6 +269,8 @@ def _start_heartbeat(store: Store, name: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
                 store.heartbeat(name, _heartbeat_info())
+                if _state.get("reloader") is not None:
+                    _state["reloader"].request(store.reload_generation())
                 if _state["status"] in SERVING:
                     republished = sweeper.sweep()
                     if republished:
