@@ -134,9 +134,9 @@ class Settings:
     heartbeat_s: float = _s("PINFER_HEARTBEAT_S", 5.0, "How often a worker refreshes its heartbeat key.")
     worker_ttl_s: int = _s("PINFER_WORKER_TTL_S", 20, "A worker not seen for this long counts as gone (/readyz).")
     batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 20,
-                                 "A batch running longer is taken as hung: the worker process kills itself and "
-                                 "its images are delivered again (counting toward PINFER_MAX_DELIVERIES). Must "
-                                 "stay below PINFER_VISIBILITY_TIMEOUT_S.")
+                                 "A batch (or a model reload) running longer is taken as hung: the worker "
+                                 "process kills itself and its images are delivered again (counting toward "
+                                 "PINFER_MAX_DELIVERIES). Must stay below PINFER_VISIBILITY_TIMEOUT_S.")
     # --- API server --------------------------------------------------------------------------
     api_threads: int = _s("PINFER_API_THREADS", 256,
                            "Threads per gunicorn API process (gthread); a long-poll holds one while it waits.")

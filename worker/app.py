@@ -208,7 +208,9 @@ def _maybe_reload() -> None:
         reason = reloader.due()
         if reason is None:
             return
-        _state["status"] = WorkerState.RELOADING
+        # Watched like a batch: a load that hangs (a stalled volume) must not leave a worker that
+        # counts as serving but never takes work; killed, it restarts with the new model.
+        _state.update(status=WorkerState.RELOADING, busy_since=time.monotonic())
         _announce()
         swapped = reloader.reload(reason)
         if swapped:
@@ -221,7 +223,7 @@ def _maybe_reload() -> None:
         log.exception("model reload check failed")
     finally:
         if _state["status"] == WorkerState.RELOADING:
-            _state["status"] = WorkerState.READY
+            _state.update(status=WorkerState.READY, busy_since=None)
             _announce()  # before the next batch: /readyz and the result cache see the new sha at once
 
 
@@ -264,8 +266,8 @@ def _start_heartbeat(store: Store, name: str) -> None:
         while True:
             since = _state.get("busy_since")
             if since is not None and time.monotonic() - since > settings.batch_time_limit_s:
-                log.critical("a batch has run for more than PINFER_BATCH_TIME_LIMIT_S=%ss: taking the worker "
-                             "down so its images are delivered again", settings.batch_time_limit_s)
+                log.critical("a batch (or a model reload) has run for more than PINFER_BATCH_TIME_LIMIT_S=%ss: "
+                             "taking the worker down so its images are delivered again", settings.batch_time_limit_s)
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
                 store.heartbeat(name, _heartbeat_info())
