@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -127,6 +129,12 @@ def test_a_model_rolls_out_under_load_and_a_tampered_one_is_refused(make_stack, 
     for w in body["workers"]:
         assert w["reload_error"]["sha256"] == staged.artifact_sha256
     assert {w["pid"] for w in stack.workers()} == pids_before
+    # Not retried by itself; `pinfer reload` retries it (and it is refused again).
+    refused_at = {e["worker"]: e["at"] for e in body["reload_errors"]}
+    subprocess.run([sys.executable, "-m", "pinfer.cli", "reload"], env=stack.env, check=True, timeout=60,
+                   capture_output=True)
+    wait_until(lambda: {e["worker"]: e["at"] > refused_at[e["worker"]] for e in refusals()}
+               == dict.fromkeys(refused_at, True), 60, "both workers retrying on `pinfer reload`")
     served = [stack.result(stack.submit(_image(20_000 + i))["id"]) for i in range(4)]
     assert [r["status"] for r in served] == ["succeeded"] * 4
     assert {r["model"]["sha256"] for r in served} == {new.artifact_sha256}

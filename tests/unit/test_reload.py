@@ -246,3 +246,17 @@ def test_the_result_cache_answers_nothing_while_two_models_are_served(store):
     assert ResultCache(store).serving() is None
     _beat(store, "w2", "aaa", resize=store.settings.resize)
     assert ResultCache(store).serving().sha256 == "aaa"
+
+
+def test_pinfer_reload_bumps_the_counter_workers_read(store, monkeypatch, capsys, model_dir, clock):
+    import shared.store
+    from pinfer.cli import main
+
+    monkeypatch.setattr(shared.store, "Store", lambda settings: store)
+    _beat(store, "w1", "aaa")
+    r = make_reloader(model_dir, clock, check_s=0, generation=store.reload_generation())
+    assert main(["reload"]) == 0
+    assert store.reload_generation() == 1 and "aaa: 1" in capsys.readouterr().out
+    r.request(store.reload_generation())  # what the heartbeat thread does
+    assert r.due() == REQUESTED
+    assert main(["reload", "now"]) == 2  # takes no arguments
