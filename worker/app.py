@@ -15,12 +15,12 @@ touches celery-batches' internals (``_buffer``, ``_pending``, ``_pool``, ``_do_f
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
 import threading
-import json
 import time
 from typing import Any
 
@@ -56,7 +56,6 @@ class PriorityBatches(Batches):
         """celery-batches' message handler builds and buffers the request (and flushes at
         PINFER_MAX_BATCH); then the flush rule decides whether the buffer is classified at once."""
         from worker.batching import LOOK_AGAIN_S
-
         from worker.reload import TICK_S
 
         buffer_message = super().Strategy(task, app, consumer)
@@ -153,9 +152,8 @@ def _load_model(**_: Any) -> None:
     from worker import metrics
     from worker.batching import FlushRule
     from worker.classify import Classifier
-    from worker.runtime import ModelRuntime
-
     from worker.reload import Reloader
+    from worker.runtime import ModelRuntime
 
     store = Store(settings)
     name = worker_name()

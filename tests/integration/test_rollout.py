@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 
