@@ -143,14 +143,30 @@ def spec() -> dict:
             "/healthz": {"get": {"summary": "Liveness", "security": [{}],
                                  "responses": {"200": _json({"type": "object"}, "alive")}}},
             "/readyz": {"get": {"summary": "Readiness: Redis and a worker with a loaded model", "security": [{}],
-                                "responses": {"200": _json({"type": "object"}, "ready"),
-                                              "503": _json({"type": "object"}, "not ready, and why")}}},
+                                "responses": {"200": _json(_READINESS, "ready"),
+                                              "503": _json(_READINESS, "not ready, and why")}}},
             "/": {"get": {"summary": "The web page", "security": [{}],
                           "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
             "/openapi.json": {"get": {"summary": "This description", "security": [{}],
                                       "responses": {"200": _json({"type": "object"}, "OpenAPI 3")}}},
         },
     }
+
+
+#: /readyz's body; the roll-out fields are absent only when Redis cannot be read.
+_READINESS = {"type": "object", "required": ["status", "redis"], "properties": {
+    "status": {"type": "string", "enum": ["ready", "not_ready"]},
+    "redis": {"type": "boolean"},
+    "models_by_sha": {"type": "object", "additionalProperties": {"type": "integer"},
+                      "description": "serving workers per model artifact sha256"},
+    "rollout": {"type": "boolean", "description": "more than one model is served (a roll-out in progress)"},
+    "reload_errors": {"type": "array", "description": "workers that refused a new model and serve their old one",
+                      "items": {"type": "object", "properties": {
+                          "worker": {"type": "string"}, "reason": {"type": "string"},
+                          "sha256": {"type": "string", "nullable": True},
+                          "manifest_sha256": {"type": "string", "nullable": True},
+                          "at": {"type": "number"}}}},
+}}
 
 
 @bp.get("/openapi.json")

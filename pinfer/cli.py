@@ -15,6 +15,7 @@ commands:
   api            run the API under gunicorn (pinfer/gunicorn_conf.py)
   worker         run one pinned Celery worker per core (--check: health check)
   export-model   build the TorchScript artifact + manifest (see --help)
+  reload         ask every worker to load the model PINFER_MODEL_DIR names now, between batches (a roll-out)
   ingest         classify a folder of photos through a running API (see --help)
   settings       print the settings (--markdown for the README table)
   api-key NAME   make an API key, add its hash to PINFER_API_KEYS_FILE (or --file PATH), print the key once
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         run = _settings
     elif cmd == "api-key":
         run = _api_key
+    elif cmd == "reload":
+        run = _reload
     else:
         print(f"pinfer: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -58,6 +61,28 @@ def _settings(argv: list[str]) -> int:
     s = Settings.from_env()
     for f in fields(s):
         print(f"{f.metadata['env']}={getattr(s, f.name)}")
+    return 0
+
+
+def _reload(argv: list[str]) -> int:
+    """Bump the reload counter in Redis; each worker acts on it at its next heartbeat, between batches."""
+    from collections import Counter
+
+    from shared.schema import SERVING
+    from shared.settings import Settings
+    from shared.store import Store
+
+    if argv:
+        print("usage: pinfer reload   (no arguments; uses PINFER_REDIS_URL)", file=sys.stderr)
+        return 2
+    settings = Settings.from_env()
+    store = Store(settings)
+    generation = store.request_reload()
+    by_sha = Counter(w.get("sha256", "?")[:12] for w in store.live_workers() if w.get("state") in SERVING)
+    now = ", ".join(f"{sha}: {n}" for sha, n in sorted(by_sha.items())) or "none"
+    print(f"reload {generation} requested: each worker loads, verifies and warms the model its "
+          f"PINFER_MODEL_DIR names within about PINFER_HEARTBEAT_S={settings.heartbeat_s}s, after its current "
+          f"batch. Serving workers by sha now: {now}. Watch `models_by_sha` and `reload_errors` in /readyz.")
     return 0
 
 

@@ -22,6 +22,9 @@ DONE_CHANNEL = PREFIX + "done"
 PENDING = PREFIX + "pending"
 #: Sorted set: worker name -> last heartbeat (unix time).
 WORKERS = PREFIX + "workers"
+#: Integer bumped by `pinfer reload`: every worker that sees it grow re-reads the model folder and
+#: swaps in the model it names (between batches), whatever PINFER_RELOAD_CHECK_S says.
+MODEL_RELOAD = PREFIX + "model-reload"
 
 
 def prediction(pid: str) -> str:

@@ -26,12 +26,14 @@ class WorkerState(enum.StrEnum):
     STARTING = "STARTING"          # loading, verifying and warming the model
     READY = "READY"                # waiting for work
     BUSY = "BUSY"                  # classifying a batch
+    RELOADING = "RELOADING"        # between batches: loading a new model (a roll-out); serves the old one after a failure
     SETUP_FAILED = "SETUP_FAILED"  # the model could not be loaded; the heartbeat's ``error`` says why
 
 
 #: States of a worker that has a model loaded and takes work: what /readyz, the launcher and the
-#: result cache count as serving.
-SERVING = (WorkerState.READY, WorkerState.BUSY)
+#: result cache count as serving. A reloading worker still holds its old model and takes work again
+#: in seconds, so a roll-out never makes /readyz (or a container's health check) fail.
+SERVING = (WorkerState.READY, WorkerState.BUSY, WorkerState.RELOADING)
 
 
 def new_id() -> str:

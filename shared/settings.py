@@ -93,6 +93,11 @@ class Settings:
     min_agreement: float = _s("PINFER_MIN_AGREEMENT", 0.995,
                               "Least top-1 agreement with fp32 (measured by `pinfer export-model` on held-out "
                               "calibration photos) for `auto` to serve a reduced-precision variant.")
+    reload_check_s: float = _s("PINFER_RELOAD_CHECK_S", 2.0,
+                               "How often a worker, between batches, looks whether `manifest.json` in "
+                               "PINFER_MODEL_DIR was replaced (a `stat`; the file is hashed only when that "
+                               "changed) and if so loads, verifies and warms the new model, then swaps it in "
+                               "(README, Rolling out a model). 0 = only on `pinfer reload`.")
     resize: str = _s("PINFER_RESIZE", "fast",
                      "`fast` decodes large JPEGs at reduced scale and resamples only the 224 px centre window: "
                      "measured 1.6x cheaper than `exact` per photo, half an 8-bit level from it on average "
@@ -129,9 +134,9 @@ class Settings:
     heartbeat_s: float = _s("PINFER_HEARTBEAT_S", 5.0, "How often a worker refreshes its heartbeat key.")
     worker_ttl_s: int = _s("PINFER_WORKER_TTL_S", 20, "A worker not seen for this long counts as gone (/readyz).")
     batch_time_limit_s: int = _s("PINFER_BATCH_TIME_LIMIT_S", 20,
-                                 "A batch running longer is taken as hung: the worker process kills itself and "
-                                 "its images are delivered again (counting toward PINFER_MAX_DELIVERIES). Must "
-                                 "stay below PINFER_VISIBILITY_TIMEOUT_S.")
+                                 "A batch (or a model reload) running longer is taken as hung: the worker "
+                                 "process kills itself and its images are delivered again (counting toward "
+                                 "PINFER_MAX_DELIVERIES). Must stay below PINFER_VISIBILITY_TIMEOUT_S.")
     allow_untested_celery: bool = _s("PINFER_ALLOW_UNTESTED_CELERY", False,
                                      "Start workers even on celery / kombu / celery-batches versions that "
                                      "worker/celery_adapter.py (the library internals pinfer relies on) was not "
@@ -218,6 +223,8 @@ class Settings:
         validate_url(self.redis_url)
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("PINFER_METRICS_PORT must be a port number (0 turns the worker endpoints off)")
+        if self.reload_check_s < 0:
+            raise ValueError("PINFER_RELOAD_CHECK_S must be 0 (only on `pinfer reload`) or a number of seconds")
         if self.cache_ttl_s < 0:
             raise ValueError("PINFER_CACHE_TTL_S must be 0 (off) or a number of seconds")
         if self.redis_maxmemory < 0:

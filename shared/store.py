@@ -375,6 +375,14 @@ class Store:
         pipe.zremrangebyscore(keys.WORKERS, "-inf", now - 10 * self.settings.worker_ttl_s)
         pipe.execute()
 
+    def request_reload(self) -> int:
+        """Ask every worker to load the model its folder names now (`pinfer reload`); the new generation."""
+        return int(self.r.incr(keys.MODEL_RELOAD))
+
+    def reload_generation(self) -> int:
+        """How many reloads were ever requested: a worker reloads when this grows past what it saw."""
+        return int(self.r.get(keys.MODEL_RELOAD) or 0)
+
     def forget_worker(self, name: str) -> None:
         self.r.delete(keys.worker(name))
         self.r.zrem(keys.WORKERS, name)

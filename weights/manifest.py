@@ -110,9 +110,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     """Parse ``manifest.json``; any problem becomes a ModelArtifactError that says how to fix it."""
+    return load_manifest(model_dir)[0]
+
+
+def load_manifest(model_dir: str | os.PathLike) -> tuple[Manifest, str]:
+    """``read_manifest`` plus the sha256 of the exact bytes parsed: a worker remembers which manifest
+    its model came from, so a replaced manifest (a roll-out) is told apart from the one it serves."""
     path = Path(model_dir) / MANIFEST_NAME
     try:
-        manifest = Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        manifest = Manifest.from_dict(json.loads(raw.decode("utf-8")))
     except FileNotFoundError:
         raise ModelArtifactError(f"no model manifest at {path}; {_FIX}", path=str(path)) from None
     except (OSError, ValueError, TypeError, AttributeError) as exc:
@@ -120,7 +128,7 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     if not manifest.artifact or Path(manifest.artifact).name != manifest.artifact:
         raise ModelArtifactError(f"manifest {path} names no plain artifact file ({manifest.artifact!r}); {_FIX}",
                                  path=str(path))
-    return manifest
+    return manifest, digest
 
 
 def _verify_file(model_dir: str | os.PathLike, artifact: str, expected: str) -> Path:

@@ -9,10 +9,13 @@ internals they need live in ``worker.celery_adapter``, behind a version check):
   waiting for this worker, so a lone image never waits for the batch window;
 * only the requests actually handled are acknowledged (bulk requests handed back because
   interactive work is waiting go back into the buffer, unacked);
-* the model is loaded once per process in ``worker_process_init``, before any task is taken.
+* the model is loaded once per process in ``worker_process_init``, before any task is taken, and
+  replaced between batches when a new one is rolled out (``worker.reload``, run from the consumer's
+  timer: the thread that runs batches, so no batch mixes two models).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -47,6 +50,11 @@ class PriorityBatches(AdaptiveBatches):
     def flush_rule(self):
         return _state["flush_rule"]
 
+    def between_batches(self):
+        from worker.reload import TICK_S
+
+        return [(TICK_S, _maybe_reload)]
+
 
 @app.task(base=PriorityBatches, name=keys.TASK_CLASSIFY, bind=True,
           flush_every=settings.max_batch, flush_interval=settings.max_wait_ms / 1000.0)
@@ -76,6 +84,7 @@ def _load_model(**_: Any) -> None:
     from worker import metrics
     from worker.batching import FlushRule
     from worker.classify import Classifier
+    from worker.reload import Reloader
     from worker.runtime import ModelRuntime
 
     store = Store(settings)
@@ -86,9 +95,16 @@ def _load_model(**_: Any) -> None:
     metrics.serve(settings.metrics_port, int(os.environ.get("PINFER_WORKER_SLOT") or 0))
     _start_heartbeat(store, name)
     try:
+        # Read before the model: a `pinfer reload` issued while it loads is acted on afterwards.
+        generation = store.reload_generation()
+    except Exception as exc:
+        generation = 0
+        log.warning("reload counter not read: %s", exc)
+    try:
         t0 = time.perf_counter()
         runtime = ModelRuntime(settings)
         _state["runtime"] = runtime
+        _state["reloader"] = Reloader(settings, runtime, generation)
         _state["classifier"] = Classifier(settings, store, runtime, name)
         metrics.set_model(runtime.info.name, runtime.info.sha256, getattr(runtime, "name", "torchscript"),
                           runtime.precision, runtime.info.pretrained, name, os.environ.get("PINFER_WORKER_CORE", ""))
@@ -110,6 +126,44 @@ def _load_model(**_: Any) -> None:
         os._exit(3)
 
 
+def _maybe_reload() -> None:
+    """Between batches (the consumer's timer, in the thread that runs them): roll out a new model if
+    the model folder changed or `pinfer reload` asked; the old one keeps serving if that fails."""
+    from worker import metrics
+
+    reloader = _state.get("reloader")
+    if reloader is None or _state["status"] != WorkerState.READY:
+        return
+    try:
+        reason = reloader.due()
+        if reason is None:
+            return
+        # Watched like a batch: a load that hangs (a stalled volume) must not leave a worker that
+        # counts as serving but never takes work; killed, it restarts with the new model.
+        _state.update(status=WorkerState.RELOADING, busy_since=time.monotonic())
+        _announce()
+        swapped = reloader.reload(reason)
+        if swapped:
+            runtime = reloader.runtime
+            _state["runtime"] = runtime
+            _state["classifier"].runtime = runtime
+            metrics.set_model(runtime.info.name, runtime.info.sha256, runtime.runtime, runtime.precision,
+                              runtime.info.pretrained, _state["name"], os.environ.get("PINFER_WORKER_CORE", ""))
+    except Exception:  # never let the roll-out machinery take the worker down: keep serving what it has
+        log.exception("model reload check failed")
+    finally:
+        if _state["status"] == WorkerState.RELOADING:
+            _state.update(status=WorkerState.READY, busy_since=None)
+            _announce()  # before the next batch: /readyz and the result cache see the new sha at once
+
+
+def _announce() -> None:
+    try:
+        _state["store"].heartbeat(_state["name"], _heartbeat_info())
+    except Exception as exc:  # Redis away: the heartbeat thread keeps trying
+        log.warning("heartbeat failed: %s", exc)
+
+
 def _heartbeat_info() -> dict:
     rt = _state.get("runtime")
     info = {"state": _state["status"], "pid": os.getpid(), "host": socket.gethostname(),
@@ -121,6 +175,11 @@ def _heartbeat_info() -> dict:
                     threads=rt.threads)
     if _state.get("error"):
         info["error"] = _state["error"]
+    reloader = _state.get("reloader")
+    if reloader is not None:
+        info.update(manifest_sha256=reloader.served_manifest, reloads=reloader.reloads,
+                    # always written, so a cleared error replaces the old one in the hash
+                    reload_error=json.dumps(reloader.error) if reloader.error else "")
     return info
 
 
@@ -137,11 +196,13 @@ def _start_heartbeat(store: Store, name: str) -> None:
         while True:
             since = _state.get("busy_since")
             if since is not None and time.monotonic() - since > settings.batch_time_limit_s:
-                log.critical("a batch has run for more than PINFER_BATCH_TIME_LIMIT_S=%ss: taking the worker "
-                             "down so its images are delivered again", settings.batch_time_limit_s)
+                log.critical("a batch (or a model reload) has run for more than PINFER_BATCH_TIME_LIMIT_S=%ss: "
+                             "taking the worker down so its images are delivered again", settings.batch_time_limit_s)
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
                 store.heartbeat(name, _heartbeat_info())
+                if _state.get("reloader") is not None:
+                    _state["reloader"].request(store.reload_generation())
                 if _state["status"] in SERVING:
                     republished = sweeper.sweep()
                     if republished:

@@ -150,16 +150,24 @@ class AdaptiveBatches(Batches):
 
     abstract = True
     _look_again_tref = None
+    _idle_trefs: list | None = None
     _arrivals = _arrivals_seen = 0
 
     def flush_rule(self) -> FlushRuleLike:
         raise NotImplementedError
+
+    def between_batches(self) -> list[tuple[float, Callable[[], None]]]:
+        """(interval s, function) pairs run on the consumer's event loop. With the solo pool that
+        loop is the thread that runs batches, so these never run during one (model reloads)."""
+        return []
 
     def Strategy(self, task, app, consumer) -> Callable:
         """celery-batches' message handler builds and buffers the request (and flushes at
         ``flush_every``); then the flush rule decides whether the buffer is classified at once."""
         buffer_message = super().Strategy(task, app, consumer)
         timer = consumer.timer
+        if self._idle_trefs is None:
+            type(self)._idle_trefs = [timer.call_repeatedly(s, fn) for s, fn in self.between_batches()]
 
         def on_message(message, *args, **kwargs):
             buffer_message(message, *args, **kwargs)

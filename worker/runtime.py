@@ -18,7 +18,7 @@ import numpy as np
 
 from shared.errors import InferenceError, ModelArtifactError
 from shared.settings import Settings
-from weights.manifest import Manifest, Variant, read_manifest, verify_variant
+from weights.manifest import Manifest, Variant, load_manifest, verify_variant
 from worker.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -129,21 +129,49 @@ def select_variant(manifest: Manifest, precision: str, runtime: str, min_agreeme
                              f"export the fp32 fallback with {_export_hint('fp32', runtime)}")
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a worker would serve from the model folder as it is now, before anything is loaded: the
+    manifest, the sha256 of its bytes, and the chosen variant. A roll-out compares it with what is
+    served (``ModelRuntime.info``) to decide whether there is anything to load."""
+
+    manifest: Manifest
+    manifest_sha256: str
+    choice: Choice
+
+    @property
+    def info(self) -> ModelInfo:
+        v = self.choice.variant
+        return ModelInfo(self.manifest.name, v.artifact_sha256, bool(self.manifest.pretrained), v.precision,
+                         v.runtime)
+
+
+def plan_model(settings: Settings) -> Plan:
+    """Read the manifest and choose the variant (no artifact is read: cheap)."""
+    manifest, digest = load_manifest(settings.model_dir)
+    choice = select_variant(manifest, settings.precision, settings.runtime, settings.min_agreement,
+                            bf16_supported())
+    return Plan(manifest, digest, choice)
+
+
 class ModelRuntime:
     """The variant chosen by the settings, behind one surface: ``forward``, ``top_k``, ``info``, ``warm_up``.
 
-    ``precision``, ``runtime`` and ``selection`` (the reason) say what is served and why.
+    ``precision``, ``runtime`` and ``selection`` (the reason) say what is served and why;
+    ``manifest_sha256`` which manifest it came from. ``plan`` (from ``plan_model``) skips reading the
+    manifest again.
     """
 
-    def __init__(self, settings: Settings, threads: int | None = None) -> None:
+    def __init__(self, settings: Settings, threads: int | None = None, plan: Plan | None = None) -> None:
         from worker.runtimes import load_backend
 
         self.settings = settings
         threads = threads or torch_threads()  # pinned: its cores; unpinned: OMP_NUM_THREADS or 1
         self.threads = threads
-        self.manifest: Manifest = read_manifest(settings.model_dir)
-        choice = select_variant(self.manifest, settings.precision, settings.runtime, settings.min_agreement,
-                                bf16_supported())
+        plan = plan or plan_model(settings)
+        self.manifest: Manifest = plan.manifest
+        self.manifest_sha256 = plan.manifest_sha256
+        choice = plan.choice
         path = verify_variant(settings.model_dir, choice.variant)
         self.variant = choice.variant
         self.selection = choice.reason

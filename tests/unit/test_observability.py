@@ -122,7 +122,7 @@ def test_worker_state_is_read_at_scrape_time_and_model_info_is_labelled():
         fams = text_string_to_metric_families(generate_latest(reg).decode())
         return {s.labels["state"]: s.value for f in fams for s in f.samples}
 
-    assert current() == {"STARTING": 1, "READY": 0, "BUSY": 0, "SETUP_FAILED": 0}
+    assert current() == {"STARTING": 1, "READY": 0, "BUSY": 0, "RELOADING": 0, "SETUP_FAILED": 0}
     state["s"] = "BUSY"
     assert current()["BUSY"] == 1 and current()["STARTING"] == 0
     metrics.set_model("resnet18", "ab" * 32, "torchscript", "fp32", False, "w1", "3")
