@@ -575,7 +575,10 @@ def test_dockerfile_installs_cpu_torch_only():
     assert torch_installs and all('--index-url "${TORCH_INDEX_URL}"' in r for r in torch_installs)
     # The rest never resolves torch from PyPI: the package goes in with --no-deps, and no RUN
     # names a bare `torch` requirement.
-    assert any("pip install --no-deps ." in r for r in runs)
+    assert any("pip install --no-deps --no-build-isolation ." in r for r in runs)
+    # torch alone comes from its index, without dependencies: those come from the hashed lock.
+    assert all("--no-deps" in r for r in torch_installs)
+    assert any("pip install --require-hashes -r requirements/worker.txt" in r for r in runs)
     for run in runs:
         for command in re.split(r"&&|;|\|\|", run):
             words = command.split()
@@ -702,14 +705,18 @@ def test_make_install_takes_torch_from_the_cpu_index(tmp_path):
     assert pin.startswith("torch==")
     steps = dry_run()
     torch_steps = [i for i, line in enumerate(steps) if "torch==" in line]
-    package = [i for i, line in enumerate(steps) if ".[worker" in line]
-    assert len(torch_steps) == 1 and len(package) == 1, steps
+    lock = [i for i, line in enumerate(steps) if "--require-hashes -r requirements/dev.txt" in line]
+    package = [i for i, line in enumerate(steps) if line.rstrip().endswith("-e .")]
+    assert len(torch_steps) == 1 and len(lock) == 1 and len(package) == 1, steps
     torch_step = steps[torch_steps[0]]
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_step
     assert "--no-deps" in torch_step, "only torch itself comes from the torch index"
     assert f"'{pin}'" in torch_step, "the same pin as pyproject.toml"
-    assert torch_steps[0] < package[0], "torch must be in place before the package's requirements resolve"
-    assert "--index-url" not in steps[package[0]]
+    # Everything else from the hash-checked lock, then the package without resolving anything (a
+    # resolver run could fetch PyPI's CUDA torch).
+    assert "--no-deps" in steps[package[0]]
+    assert torch_steps[0] < package[0] and lock[0] < package[0], steps
+    assert "--index-url" not in steps[lock[0]] and "--index-url" not in steps[package[0]]
     # Overridable: a mirror of the CPU index, or other pip arguments altogether.
     mirror = dry_run("TORCH_INDEX_URL=https://mirror.example/whl/cpu")
     assert "--index-url https://mirror.example/whl/cpu" in next(s for s in mirror if "torch==" in s)
