@@ -77,7 +77,8 @@ clean:
 # ------------------------------------------------------------------------------------ lock files
 # requirements/<name>.txt: every dependency pinned, with the sha256 of every file of that release
 # (`uv pip compile --generate-hashes`), resolved for CPython 3.11 on Linux x86_64 (the platform of
-# deploy/Dockerfile and CI; an unsupported platform fails loudly instead of drifting). `make lock`
+# deploy/Dockerfile and CI; elsewhere a package missing from the lock is an install error, never an
+# unlocked download). `make lock`
 # regenerates them, keeping the pins it can (`make lock UPGRADE=1` moves everything to the newest
 # release that fits pyproject.toml); tests/unit/test_lock.py fails while they lag behind it.
 #
