@@ -83,9 +83,11 @@ clean:
 # release that fits pyproject.toml); tests/unit/test_lock.py fails while they lag behind it.
 #
 # torch is left OUT of every lock and installed by its exact version (pyproject.toml's pin) in a
-# step of its own: its wheel differs by where it comes from (the CPU index, a mirror, a local build
-# in PIP_FIND_LINKS, or another index via TORCH_PIP_ARGS), so any one sha256 in the lock would break
-# every other source. Its dependencies (sympy, networkx, jinja2, ...) ARE locked with their hashes.
+# step of its own: TORCH_PIP_ARGS may take it from another index (CUDA, ROCm) or a mirror that
+# rebuilds wheels, each file with its own sha256, and the CPU index's hashes for every platform the
+# image is built on (x86_64, aarch64) cannot be taken from where that index is unreachable (`make
+# lock` then sees only PIP_FIND_LINKS), so a torch hash in the lock would break some install that
+# works today. Its dependencies (sympy, networkx, jinja2, ...) ARE locked with their hashes.
 #
 # LOCKS: name:extras[:project file]. The first is the superset, compiled alone; every other is
 # constrained by it, so one package has one version in all of them (the image runs what CI tested).
