@@ -1,7 +1,9 @@
 #!/bin/sh
 # pinfer container entry point: one image, the role is the first argument (CMD).
 #
-#   api          pinfer api: gunicorn with pinfer/gunicorn_conf.py, 'api:create_app()'   (default)
+#   api          pinfer api: gunicorn with pinfer/gunicorn_conf.py, 'api:create_app()'   (default);
+#                refuses to start when PINFER_API_KEYS_FILE is set but unusable (missing, a directory,
+#                unreadable, no key in it)
 #   worker       pinfer worker      (PINFER_WORKERS / PINFER_CORE_LEASE decide how many / which core)
 #   model        pinfer export-model --out "$PINFER_MODEL_DIR" --if-missing  (one-shot, see below)
 #   healthcheck  the image's HEALTHCHECK: checks whatever role this container runs
@@ -24,6 +26,21 @@ ROLE_FILE="${ENTRYPOINT_ROLE_FILE:-/tmp/pinfer-role}"
 role="${1:-api}"
 [ "$#" -gt 0 ] && shift
 
+api_keys_problem() {
+    # Why the API keys file named by PINFER_API_KEYS_FILE cannot be used (nothing when it can). The API
+    # itself also refuses a missing or malformed file; this says why in one line, before gunicorn starts.
+    f="$1"
+    if [ -d "$f" ]; then
+        echo "is a directory: the file was missing on the host when the container was created, and Docker made a directory in its place"
+    elif [ ! -e "$f" ]; then
+        echo "does not exist"
+    elif [ ! -r "$f" ]; then
+        echo "is not readable by uid $(id -u): make it readable (chmod 0644; it holds only sha256 hashes, never a key)"
+    elif ! grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+[0-9a-fA-F]{64}[[:space:]]*(#.*)?$' "$f"; then
+        echo "holds no key"
+    fi
+}
+
 remember_role() {
     # Read by `healthcheck` (a separate process started by Docker). Best effort: /tmp may be read-only.
     { echo "$1" > "$ROLE_FILE"; } 2>/dev/null || true
@@ -32,6 +49,15 @@ remember_role() {
 case "$role" in
     api)
         remember_role api
+        if [ -n "${PINFER_API_KEYS_FILE:-}" ]; then
+            problem="$(api_keys_problem "$PINFER_API_KEYS_FILE")"
+            if [ -n "$problem" ]; then
+                echo "PINFER_API_KEYS_FILE=$PINFER_API_KEYS_FILE $problem. Refusing to start the API" \
+                     "(it never runs without its keys). Create the file with \`pinfer api-key NAME --file PATH\`" \
+                     "and mount it (compose: deploy/api-keys or API_KEYS_FILE in .env; see deploy/README.md)." >&2
+                exit 2
+            fi
+        fi
         exec pinfer api "$@"
         ;;
     worker)

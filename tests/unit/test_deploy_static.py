@@ -287,6 +287,7 @@ NOT_PASSED_THROUGH = {
     "PINFER_PORT",             # the API listens on 8000 inside; the host's value picks nginx's port
     "PINFER_WORKERS",          # one worker process per container: scale with --scale worker=N
     "PINFER_CORE_LEASE",       # replicas share the host's cores through leases
+    "PINFER_API_KEYS_FILE",    # always on for the api: the secret `api-keys` (API_KEYS_FILE picks the host file)
     "PINFER_CHAOS_KILL_MARKER",  # tests only
     "PINFER_DATA_DIR",         # the private Redis of `pinfer up`; compose has its `redis` service
     "PINFER_REDIS_MAXMEMORY",  # likewise (compose: REDIS_MAXMEMORY)
@@ -359,6 +360,31 @@ def test_pinfer_images_share_one_build_with_cpu_torch(services):
         assert build["dockerfile"] == "deploy/Dockerfile"
         assert "download.pytorch.org/whl/cpu" in build["args"]["TORCH_INDEX_URL"]
     assert len({services[n]["image"] for n in ("model", "api", "worker")}) == 1
+
+
+def test_api_keys_are_always_on_in_compose(compose, services):
+    """Issue 9: the compose stack serves others, so API keys are on with no switch to turn them off:
+    the api containers get the keys file as a secret and PINFER_API_KEYS_FILE names it."""
+    api = services["api"]
+    path = _env(api)["PINFER_API_KEYS_FILE"]
+    m = re.fullmatch(r"/run/secrets/([\w.-]+)", path)
+    assert m, f"PINFER_API_KEYS_FILE must name the api's compose secret, not {path!r}"
+    assert m[1] in api["secrets"]
+    source = compose["secrets"][m[1]]["file"]
+    d = re.fullmatch(r"\$\{API_KEYS_FILE:-([^}]+)\}", source)
+    assert d, f"the keys file must default to a path and be overridable with API_KEYS_FILE: {source}"
+    default = d[1].removeprefix("./")
+    # The file a user creates there (hashes of real keys) is never committed nor sent to `docker build`.
+    assert f"/{default}" in (ROOT / ".gitignore").read_text().splitlines()
+    assert default in DOCKERIGNORE.read_text().splitlines()
+    # Only the API reads it: no other service gets the secret or the setting.
+    for name, svc in services.items():
+        if name != "api":
+            assert m[1] not in (svc.get("secrets") or []), name
+            assert "PINFER_API_KEYS_FILE" not in _env(svc), name
+    # What to run first is written where compose users look.
+    readme = DEPLOY_README.read_text()
+    assert f"pinfer api-key" in readme and default in readme
 
 
 def test_compose_pinfer_variables_are_real_settings(services):
@@ -549,7 +575,10 @@ def test_dockerfile_installs_cpu_torch_only():
     assert torch_installs and all('--index-url "${TORCH_INDEX_URL}"' in r for r in torch_installs)
     # The rest never resolves torch from PyPI: the package goes in with --no-deps, and no RUN
     # names a bare `torch` requirement.
-    assert any("pip install --no-deps ." in r for r in runs)
+    assert any("pip install --no-deps --no-build-isolation ." in r for r in runs)
+    # torch alone comes from its index, without dependencies: those come from the hashed lock.
+    assert all("--no-deps" in r for r in torch_installs)
+    assert any("pip install --require-hashes -r requirements/worker.txt" in r for r in runs)
     for run in runs:
         for command in re.split(r"&&|;|\|\|", run):
             words = command.split()
@@ -625,6 +654,37 @@ def test_entrypoint_roles(tmp_path):
     assert run("echo", "hi") == "hi"
 
 
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs a POSIX shell")
+def test_entrypoint_refuses_to_start_the_api_without_usable_keys(tmp_path):
+    """With PINFER_API_KEYS_FILE set, the api role starts only on a file that holds a key; otherwise
+    it exits 2 with one line saying what is wrong, and never runs the API open."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "pinfer").write_text('#!/bin/sh\necho "pinfer $*"\n')
+    (fake / "pinfer").chmod(0o755)
+
+    def run(keys: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(ENTRYPOINT), "api"], capture_output=True, text=True,
+                              env={"PATH": f"{fake}:/usr/bin:/bin", "ENTRYPOINT_ROLE_FILE": str(tmp_path / "role"),
+                                   "PINFER_API_KEYS_FILE": str(keys)})
+
+    keys = tmp_path / "api-keys"
+    for setup, reason in ((lambda: None, "does not exist"),
+                          (keys.mkdir, "is a directory"),
+                          (lambda: (keys.rmdir(), keys.write_text("# no keys yet\n")), "holds no key"),
+                          (lambda: keys.write_text("alice not-a-hash\n"), "holds no key")):
+        setup()
+        out = run(keys)
+        assert out.returncode == 2 and out.stdout == "", reason
+        assert f"PINFER_API_KEYS_FILE={keys} {reason}" in out.stderr and "pinfer api-key" in out.stderr
+    keys.write_text("# comment\nalice " + "ab" * 32 + "  # laptop\n")
+    assert run(keys).stdout.strip() == "pinfer api"
+    if os.geteuid() != 0:                               # root reads any file
+        keys.chmod(0)
+        out = run(keys)
+        assert out.returncode == 2 and "is not readable" in out.stderr
+
+
 # --------------------------------------------------------------------------------------- make install
 def test_make_install_takes_torch_from_the_cpu_index(tmp_path):
     """`make install` (the README's first command, via `make up`) must not resolve `torch` from
@@ -645,14 +705,18 @@ def test_make_install_takes_torch_from_the_cpu_index(tmp_path):
     assert pin.startswith("torch==")
     steps = dry_run()
     torch_steps = [i for i, line in enumerate(steps) if "torch==" in line]
-    package = [i for i, line in enumerate(steps) if ".[worker" in line]
-    assert len(torch_steps) == 1 and len(package) == 1, steps
+    lock = [i for i, line in enumerate(steps) if "--require-hashes -r requirements/dev.txt" in line]
+    package = [i for i, line in enumerate(steps) if line.rstrip().endswith("-e .")]
+    assert len(torch_steps) == 1 and len(lock) == 1 and len(package) == 1, steps
     torch_step = steps[torch_steps[0]]
     assert "--index-url https://download.pytorch.org/whl/cpu" in torch_step
     assert "--no-deps" in torch_step, "only torch itself comes from the torch index"
     assert f"'{pin}'" in torch_step, "the same pin as pyproject.toml"
-    assert torch_steps[0] < package[0], "torch must be in place before the package's requirements resolve"
-    assert "--index-url" not in steps[package[0]]
+    # Everything else from the hash-checked lock, then the package without resolving anything (a
+    # resolver run could fetch PyPI's CUDA torch).
+    assert "--no-deps" in steps[package[0]]
+    assert torch_steps[0] < package[0] and lock[0] < package[0], steps
+    assert "--index-url" not in steps[lock[0]] and "--index-url" not in steps[package[0]]
     # Overridable: a mirror of the CPU index, or other pip arguments altogether.
     mirror = dry_run("TORCH_INDEX_URL=https://mirror.example/whl/cpu")
     assert "--index-url https://mirror.example/whl/cpu" in next(s for s in mirror if "torch==" in s)

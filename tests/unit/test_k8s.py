@@ -9,6 +9,7 @@ cores, and the grace periods cover a batch and a long-poll.
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 
 from shared import keys
 from shared.settings import Settings
-from tests.fixtures.keda_schema import SCHEMAS, TRIGGER_METADATA
+from tests.fixtures.keda_schema import AUTH_PARAMETERS, METRICS_API_AUTH, SCHEMAS, TRIGGER_METADATA
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -94,16 +95,90 @@ def test_the_schema_check_catches_a_misspelt_field(objs):
 
 def test_keda_objects_match_their_schema(objs):
     keda = [o for o in objs if o["apiVersion"].startswith("keda.sh/")]
-    assert sorted(o["kind"] for o in keda) == ["ScaledObject", "TriggerAuthentication"]
+    assert sorted(o["kind"] for o in keda) == ["ScaledObject", "TriggerAuthentication", "TriggerAuthentication"]
+    auth = {o["metadata"]["name"]: o for o in keda if o["kind"] == "TriggerAuthentication"}
     for o in keda:
         jsonschema.validate(o, SCHEMAS[o["kind"]])
         for t in o["spec"].get("triggers", []):
             unknown = set(t["metadata"]) - TRIGGER_METADATA[t["type"]]
             assert not unknown, f"trigger {t.get('name')}: {t['type']} has no metadata {sorted(unknown)}"
+            # The parameters its TriggerAuthentication hands over are ones this trigger type takes,
+            # and the Secrets they come from exist with that key.
+            if "authenticationRef" in t:
+                ref = auth[t["authenticationRef"]["name"]]["spec"]["secretTargetRef"]
+                params = {r["parameter"] for r in ref}
+                assert params <= AUTH_PARAMETERS[t["type"]], (t.get("name"), params)
+                for r in ref:
+                    assert r["key"] in one(objs, "Secret", r["name"])["stringData"], r
+                if t["type"] == "metrics-api":
+                    assert METRICS_API_AUTH[t["metadata"]["authMode"]] <= params, t.get("name")
     broken = yaml.safe_load(yaml.safe_dump(one(objs, "ScaledObject", "pinfer-worker")))
     broken["spec"]["triggers"][0]["metadata"]["listLength"] = 16     # KEDA metadata values are strings
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, SCHEMAS["ScaledObject"])
+    broken = yaml.safe_load(yaml.safe_dump(one(objs, "ScaledObject", "pinfer-worker")))
+    broken["spec"]["triggers"][-1]["metadata"]["authMode"] = "Bearer"   # KEDA's modes are case-sensitive
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMAS["ScaledObject"])
+    broken = yaml.safe_load(yaml.safe_dump(auth["pinfer-keda-api"]))
+    broken["spec"]["secretTargetRef"][0]["parameter"] = "bearerToken"  # not a metrics-api parameter
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, SCHEMAS["TriggerAuthentication"])
+
+
+# ------------------------------------------------------------------------------------ API keys
+def _api_keys_mount(objs) -> tuple[str, dict]:
+    """(PINFER_API_KEYS_FILE of the API pods, the Secret holding that file)."""
+    api = one(objs, "Deployment", "pinfer-api")
+    c = next(c for c in containers(api, init=False) if c["name"] == "api")
+    path = {e["name"]: e.get("value") for e in c.get("env", [])}["PINFER_API_KEYS_FILE"]
+    mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    # A whole-volume mount, not subPath: Secret updates (added or revoked keys) reach running pods,
+    # and the API re-reads the file when it changes.
+    assert "subPath" not in mount
+    vol = next(v for v in pod_spec(api)["volumes"] if v["name"] == mount["name"])
+    secret = one(objs, "Secret", vol["secret"]["secretName"])
+    assert path.removeprefix(mount["mountPath"].rstrip("/") + "/") in secret["stringData"]
+    return path, secret
+
+
+def test_api_keys_are_on_in_the_cluster(objs):
+    path, secret = _api_keys_mount(objs)
+    key = path.rsplit("/", 1)[1]
+    # Every line is `<name> <sha256 hex>`, as api/auth.py reads it.
+    lines = [ln for ln in secret["stringData"][key].splitlines() if ln.strip()]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9._-]+ [0-9a-f]{64}", ln) for ln in lines), lines
+    # The keys file is mounted into the API pods only; the workers and the model Job never see it.
+    for name, kind in (("pinfer-worker", "Deployment"), ("pinfer-model", "Job")):
+        vols = {v.get("secret", {}).get("secretName") for v in pod_spec(one(objs, kind, name)).get("volumes", [])}
+        assert secret["metadata"]["name"] not in vols
+
+
+def test_keda_reads_stats_with_its_own_key_that_the_api_accepts(objs, make_app, settings, tmp_path):
+    """The in-flight trigger authenticates with a key whose hash is in the API's keys file: the API
+    built from these very manifests answers KEDA's request with 200, and an anonymous one with 401."""
+    so = one(objs, "ScaledObject", "pinfer-worker")
+    trigger = next(t for t in so["spec"]["triggers"] if t["type"] == "metrics-api")
+    assert trigger["metadata"]["authMode"] == "bearer"
+    ta = one(objs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    ref = next(r for r in ta["spec"]["secretTargetRef"] if r["parameter"] == "token")
+    token_secret = one(objs, "Secret", ref["name"])
+    token = token_secret["stringData"][ref["key"]]
+    path, keys_secret = _api_keys_mount(objs)
+    assert token_secret is not keys_secret, "the raw key must not be mounted into the API pods"
+    api = one(objs, "Deployment", "pinfer-api")
+    assert ref["name"] not in {v.get("secret", {}).get("secretName") for v in pod_spec(api)["volumes"]}
+    assert ref["name"] not in {e.get("secretRef", {}).get("name") for c in containers(api) for e in c.get("envFrom", [])}
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(keys_secret["stringData"][path.rsplit("/", 1)[1]])
+    client = make_app(settings.replace(api_keys_file=str(keys_file))).test_client()
+    url = trigger["metadata"]["url"]
+    route = url[url.index("/", len("http://")):]
+    assert client.get(route).status_code == 401
+    resp = client.get(route, headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200
+    section, field = trigger["metadata"]["valueLocation"].split(".")
+    assert isinstance(resp.get_json()[section][field], int)
 
 
 # ------------------------------------------------------------------------------------ autoscaling
