@@ -1,4 +1,4 @@
-"""``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
+"""``/v1/predictions``: submit one image, then poll (or long-poll) its result, or wait for it in the submit (``?wait=``)."""
 from __future__ import annotations
 
 import hashlib
