@@ -1,4 +1,5 @@
-"""``/v1/predictions``: submit one image, then poll (or long-poll) its result, or wait for it in the submit (``?wait=``)."""
+"""``/v1/predictions``: submit one image, then poll (or long-poll) its result, or wait for it in the
+submit itself (``?wait=``)."""
 from __future__ import annotations
 
 import hashlib
