@@ -48,6 +48,8 @@ def spec() -> dict:
     top_k_q = {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
     webhook_q = {"name": "webhook", "in": "query", "required": False,
                  "schema": {"type": "string", "format": "uri", "maxLength": 2048}}
+    wait_q = {"name": "wait", "in": "query", "required": False, "schema": {"type": "number", "minimum": 0},
+              "description": "seconds (at most PINFER_MAX_WAIT_S) to hold the request until the result is stored"}
     pid = {"name": "pid", "in": "path", "required": True, "schema": _ID}
     jid = {"name": "jid", "in": "path", "required": True, "schema": _ID}
     image_body = {"required": True, "content": {
@@ -82,18 +84,18 @@ def spec() -> dict:
         "security": [{}, {"bearer": []}],
         "paths": {
             "/v1/predictions": {"post": {
-                "summary": "Submit one image", "parameters": [top_k_q, webhook_q, _IDEMPOTENCY],
+                "summary": "Submit one image (and with wait, wait for its result)",
+                "parameters": [top_k_q, webhook_q, _IDEMPOTENCY, wait_q],
                 "requestBody": image_body,
-                "responses": {"202": _json(_PREDICTION, "accepted and queued"),
-                              "200": _json(_PREDICTION, "answered from the result cache (cached: true)"),
+                "responses": {"202": _json(_PREDICTION, "accepted and queued (with wait: not finished within it)"),
+                              "200": _json(_PREDICTION, "finished: answered from the result cache (cached: true), "
+                                           "or with wait, classified within it"),
                               "400": _err("bad parameter, no image, or refused webhook URL"), "409": _err("same Idempotency-Key in progress", True),
                               "413": _err("too large"), "415": _err("not a supported image format"),
                               "422": _err("bad aspect ratio, or Idempotency-Key reused for another request"),
                               "429": _err("overloaded", True), **_COMMON}}},
             "/v1/predictions/{pid}": {"get": {
-                "summary": "A prediction (long-poll with wait)", "parameters": [
-                    pid, {"name": "wait", "in": "query", "required": False,
-                          "schema": {"type": "number", "minimum": 0}}],
+                "summary": "A prediction (long-poll with wait)", "parameters": [pid, wait_q],
                 "responses": {"200": _json(_PREDICTION, "the prediction"), "400": _err("bad wait"),
                               "404": _err("unknown, expired, or another key's"), **_COMMON}}},
             "/v1/jobs": {"post": {

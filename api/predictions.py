@@ -1,9 +1,13 @@
-"""``/v1/predictions``: submit one image, then poll (or long-poll) its result."""
+"""``/v1/predictions``: submit one image, then poll (or long-poll) its result, or wait for it in the
+submit itself (``?wait=``)."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
+from contextlib import ExitStack
+from typing import Callable
 
 from flask import Blueprint, jsonify, request, url_for
 
@@ -15,7 +19,7 @@ from api.uploads import float_param, int_param, single_image
 from shared import logs, webhooks
 from shared.errors import NotFound
 from shared.images import probe
-from shared.schema import INTERACTIVE, QUEUED, TERMINAL, new_id
+from shared.schema import INTERACTIVE, QUEUED, TERMINAL, Prediction, new_id
 
 bp = Blueprint("predictions", __name__, url_prefix="/v1/predictions")
 log = logging.getLogger("pinfer.api")
@@ -43,14 +47,57 @@ def submit():
     s = p.settings
     data = single_image(request, s)  # before any form access: a raw body is not a form
     top_k = int_param(request, "top_k", s.default_top_k, 1, s.max_top_k)
+    wait = float_param(request, "wait", 0.0, 0.0, s.max_wait_s)
     hook = request.args.get("webhook")
     if hook is None and request.mimetype == "multipart/form-data":
         hook = request.form.get("webhook")
     fp = fingerprint("POST /v1/predictions", str(top_k), hook or "", hashlib.sha256(data).digest())
-    return idempotent("predictions", fp, lambda: _submit(data, top_k, hook))
+    with ExitStack() as held:
+        waiting: list[tuple[str, threading.Event | None]] = []
+
+        def wait_for(pid: str) -> None:
+            """Register the long-poll before the ID is published: no result can slip by unseen."""
+            waiting.append((pid, held.enter_context(p.waiters.waiting(pid))))
+
+        resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None))
+        if waiting and resp.status_code == 202:
+            pid, ev = waiting[0]
+            resp = _answer_when_done(pid, ev, time.monotonic() + wait, resp)
+    return resp
 
 
-def _submit(data: bytes, top_k: int, hook: str | None):
+def _answer_when_done(pid: str, ev: threading.Event | None, deadline: float, accepted):
+    """``POST ?wait=S``: the finished record (200) if it is stored before ``deadline``, else the 202
+    as sent without ``wait``. The idempotency record keeps the 202: a retry gets the ID back."""
+    if ev is None:  # PINFER_MAX_WAITERS reached in this process: answer at once, as without wait
+        accepted.headers["Retry-After"] = "1"
+        return accepted
+    rec = _wait_terminal(pid, ev, deadline, read_first=False)
+    if rec is None or rec.status not in TERMINAL:
+        return accepted
+    link = url_for("predictions.get", pid=pid)
+    resp = jsonify({**rec.public(), "links": {"self": link}})
+    resp.headers["Location"] = link
+    return resp
+
+
+def _wait_terminal(pid: str, ev: threading.Event, deadline: float, read_first: bool) -> Prediction | None:
+    """Sleep on the done channel until ``pid`` is terminal or ``deadline`` passes; the last record
+    read, or None if none was. ``read_first``: read once before sleeping (a long-poll GET registers
+    after its first read, so a result stored in between is only seen by reading again)."""
+    store = pinfer().store
+    rec = store.get(pid) if read_first else None
+    while rec is None or rec.status not in TERMINAL:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        ev.wait(min(left, 5.0))  # woken by the done channel; the 5 s re-read is a safety net
+        ev.clear()
+        rec = store.get(pid) or rec
+    return rec
+
+
+def _submit(data: bytes, top_k: int, hook: str | None, wait_for: Callable[[str], None] | None = None):
     p = pinfer()
     probe(data, p.settings)  # 415/413/422 from the header, without a full decode
     hook = webhooks.register(hook, p.settings)  # 400 invalid_webhook: malformed, private, or webhooks disabled
@@ -68,6 +115,8 @@ def _submit(data: bytes, top_k: int, hook: str | None):
     sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
                          request_id=current_request_id())
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
+    if wait_for is not None:
+        wait_for(sub.id)
     publish(sub.id, INTERACTIVE)
     resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
                     "links": {"self": link}})
@@ -89,14 +138,8 @@ def get(pid: str):
         deadline = time.monotonic() + wait
         with p.waiters.waiting(pid) as ev:
             capped = ev is None
-            rec = p.store.get(pid) or rec  # re-read after registering: no result can slip by
-            while ev is not None and rec.status not in TERMINAL:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                ev.wait(min(left, 5.0))  # woken by the done channel; 5 s re-read is a safety net
-                ev.clear()
-                rec = p.store.get(pid) or rec
+            if ev is not None:
+                rec = _wait_terminal(pid, ev, deadline, read_first=True) or rec
     resp = jsonify(rec.public())
     if capped:  # too many long-polls in this process: answered at once, ask the client to pace itself
         resp.headers["Retry-After"] = "1"

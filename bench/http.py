@@ -33,10 +33,11 @@ def close_clients() -> None:
 
 
 def classify(base: str, data: bytes, timeout: float = 120.0) -> dict:
-    """Submit, then long-poll until terminal. A synchronous server (the baseline) answers the
-    submit with the finished record: no poll then."""
+    """Submit with ``wait`` (``POST ?wait=``: the result in the same request when it comes within the
+    client's long-poll), else long-poll until terminal. A synchronous server (the baseline) answers
+    the submit with the finished record: no poll then."""
     c = client(base)
-    rec = c.submit(data)
+    rec = c.submit(data, wait=c.long_poll)
     if rec.get("status") in TERMINAL_STATUSES:
         return rec
     return c.wait(rec["id"], timeout=timeout, poll_interval=0.05)

@@ -311,12 +311,22 @@ class Client:
         return quote(str(value), safe="")
 
     # -- single predictions --
-    def submit(self, image: ImageInput, top_k: int | None = None) -> dict:
-        """Queue one image; returns the 202 record (``id``, ``status: queued``, ...)."""
-        data, filename = _read_image(image)
-        form = {} if top_k is None else {"top_k": str(top_k)}
-        resp = self._request("POST", "/v1/predictions", idempotent=True, data=form,
-                             files={"image": (filename, data, "application/octet-stream")})
+    def submit(self, image: ImageInput, top_k: int | None = None, wait: float | None = None) -> dict:
+        """Queue one image; returns the 202 record (``id``, ``status: queued``, ...).
+
+        With ``wait`` (seconds) the server holds the call until the result is stored or ``wait``
+        passes: the finished record if it made it (check ``status``), else the 202 record. The bytes
+        go as the raw request body (``top_k`` and ``wait`` as query parameters): the server then has
+        no multipart form to parse."""
+        data, _ = _read_image(image)
+        params = {}
+        if top_k is not None:
+            params["top_k"] = str(top_k)
+        if wait:
+            params["wait"] = f"{wait:g}"
+        resp = self._request("POST", "/v1/predictions", idempotent=True, params=params or None, data=data,
+                             headers={"Content-Type": "application/octet-stream"},
+                             read_timeout=self.timeout + (wait or 0.0))
         return self._json(resp)
 
     def get(self, pid: str, wait: float | None = None) -> dict:
@@ -354,8 +364,25 @@ class Client:
                 self._sleep(min(poll_interval - (now - started), deadline - now))
 
     def classify(self, image: ImageInput, top_k: int | None = None, timeout: float = 60.0) -> dict:
-        """Submit and wait: the finished record (check ``status``; a failed one carries ``error``)."""
-        return self.wait(self.submit(image, top_k=top_k)["id"], timeout=timeout)
+        """Submit and wait: the finished record (check ``status``; a failed one carries ``error``).
+
+        One request when the result comes within the submit's own wait (``POST ?wait=``); else, or
+        from a server that answers the submit at once, it long-polls the ID as before."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                rec = self.submit(image, top_k=top_k, wait=min(self.long_poll, timeout))
+                break
+            except ApiError as exc:
+                # a server with a smaller PINFER_MAX_WAIT_S refuses our wait (nothing was stored): ask for less
+                if exc.status == 400 and exc.code == "invalid_parameter" and "`wait`" in exc.message \
+                        and self.long_poll > 1.0:
+                    self.long_poll = max(1.0, self.long_poll / 2)
+                    continue
+                raise
+        if rec.get("status") in TERMINAL_STATUSES:
+            return rec
+        return self.wait(rec["id"], timeout=max(0.0, deadline - time.monotonic()))
 
     # -- bulk jobs --
     def create_job(self, name: str | None = None, top_k: int | None = None) -> dict:

@@ -53,7 +53,13 @@ def make_celery(settings: Settings, name: str = "pinfer") -> Celery:
 
 
 def enqueue(app: Celery, pid: str, lane: str) -> None:
-    """Publish the ID (never the bytes) on the lane's queue."""
+    """Publish the ID (never the bytes) on the lane's queue.
+
+    By queue name only, so Celery sends it through the anonymous exchange (routing key = queue
+    name): kombu's Redis transport then pushes it straight onto the queue's list. Naming the direct
+    exchange would make kombu read the exchange's binding table from Redis (SMEMBERS) on every
+    publish, an extra round trip per image for the same list. Redelivery is unchanged: an unacked
+    message restores to ``routing_key`` when its exchange is anonymous.
+    """
     queue = keys.QUEUE_BULK if lane == BULK else keys.QUEUE_INTERACTIVE
-    app.send_task(keys.TASK_CLASSIFY, args=[pid], queue=queue, exchange=queue, routing_key=queue,
-                  ignore_result=True)
+    app.send_task(keys.TASK_CLASSIFY, args=[pid], queue=queue, ignore_result=True)

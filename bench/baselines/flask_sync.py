@@ -36,16 +36,19 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.post("/v1/predictions")
     def predict():  # noqa: ANN202
-        upload = request.files.get("image")
-        if upload is None:
-            return jsonify(error={"code": "missing_image", "message": "send the image as form field `image`"}), 400
+        # Like pinfer: the multipart field `image`, else the raw body (what the SDK sends).
+        upload = request.files.get("image") if request.mimetype == "multipart/form-data" else None
+        data = upload.read() if upload is not None else request.get_data()
+        if not data:
+            return jsonify(error={"code": "missing_image", "message": "send the image as form field `image` "
+                                  "or as the raw body"}), 400
         try:
-            x = preprocess(upload.read(), settings)
+            x = preprocess(data, settings)
         except ImageError as exc:
             # a finished record, like pinfer's for a bad image (the SDK then reads it, not raises)
             return jsonify(id=uuid.uuid4().hex, status="failed", error={"code": exc.code, "message": exc.message})
         probs = runtime.forward(x[None])[0]
-        idx, scores = runtime.top_k(probs, int(request.form.get("top_k", 5)))
+        idx, scores = runtime.top_k(probs, int(request.values.get("top_k", 5)))
         return jsonify(id=uuid.uuid4().hex, status="succeeded", model=runtime.info.public(),
                        top_k=[{"label": labels[i], "class_index": int(i), "score": float(s)}
                               for i, s in zip(idx, scores)])

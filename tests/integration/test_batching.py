@@ -30,6 +30,13 @@ def test_a_lone_image_is_not_held_for_the_batch_window(make_stack, tiny_model_di
         assert r["timings"]["batch_size"] == 1, r["timings"]
         # Held for the window, it would have started WINDOW_MS after it was submitted.
         assert (r["started_at"] - r["created_at"]) * 1000 < WINDOW_MS / 2, r
+    # Submit and wait in one request (POST ?wait): the answer to the submit is the result itself.
+    resp = stack.http.post(f"{stack.base}/v1/predictions", params={"wait": 30}, data=jpeg((10, 200, 10)),
+                           headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    r = resp.json()
+    assert r["status"] == "succeeded" and r["timings"]["batch_size"] == 1, r
+    assert resp.headers["Location"] == f"/v1/predictions/{r['id']}"
 
 
 def test_images_submitted_while_the_worker_is_busy_share_forward_passes(make_stack, tiny_model_dir):

@@ -325,6 +325,68 @@ def test_long_poll_times_out_with_the_current_status(client, images):
     assert 0.2 <= time.monotonic() - t0 < 4
 
 
+
+# --- submit and wait in one request: POST ?wait=S ----------------------------------------------------
+def test_submit_with_wait_answers_200_with_the_result_when_it_finishes_in_time(make_app, settings, store, images):
+    """The worker stands in the publisher: it stores the result before the POST even starts to wait,
+    so only a waiter registered before the publish can end the wait before the 5 s safety re-read."""
+    published = []
+
+    def worker(pid: str, lane: str) -> None:
+        published.append(pid)
+        succeed(store, pid)
+
+    client = make_app(settings, enqueue=worker).test_client()
+    t0 = time.monotonic()
+    resp = client.post("/v1/predictions?wait=10", data=images.jpeg(), content_type="image/jpeg")
+    elapsed = time.monotonic() - t0
+
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert body["status"] == "succeeded" and body["id"] == published[0]
+    assert body["top_k"][0]["label"] == "tench" and body["timings"]["batch_size"] == 1
+    assert resp.headers["Location"] == f"/v1/predictions/{body['id']}" == body["links"]["self"]
+    assert elapsed < 4, elapsed
+
+
+def test_submit_with_wait_answers_202_as_before_when_the_result_is_late(client, store, recorder, images):
+    t0 = time.monotonic()
+    resp = client.post("/v1/predictions?wait=0.2", data=multipart(images.jpeg()), content_type="multipart/form-data")
+    assert resp.status_code == 202
+    body = resp.get_json()
+    assert body["status"] == "queued" and resp.headers["Location"] == f"/v1/predictions/{body['id']}"
+    assert recorder.pids == [body["id"]] and store.get(body["id"]).status == QUEUED
+    assert 0.2 <= time.monotonic() - t0 < 4
+
+
+@pytest.mark.parametrize("wait", ["-1", "31", "x"])
+def test_submit_with_a_bad_wait_is_invalid_parameter_and_keeps_nothing(client, store, recorder, images, wait):
+    assert_error(client.post(f"/v1/predictions?wait={wait}", data=images.jpeg()), 400, "invalid_parameter")
+    assert prediction_keys(store) == [] and recorder.calls == []
+
+
+def test_submit_with_wait_at_the_waiter_cap_answers_202_at_once(make_app, settings, images):
+    client = make_app(settings.replace(max_waiters=0)).test_client()
+    t0 = time.monotonic()
+    resp = client.post("/v1/predictions?wait=10", data=images.jpeg())
+    assert resp.status_code == 202 and resp.get_json()["status"] == "queued"
+    assert resp.headers["Retry-After"] == "1"
+    assert time.monotonic() - t0 < 4
+
+
+def test_retried_submit_with_wait_replays_the_first_answer(client, store, recorder, images):
+    """The idempotency record keeps what the submission created (the 202 with its ID), never a
+    second prediction, whatever the retry waits for."""
+    headers = {"Idempotency-Key": "retry-1"}
+    first = client.post("/v1/predictions?wait=0.1", data=images.jpeg(), headers=headers)
+    assert first.status_code == 202
+    pid = first.get_json()["id"]
+    succeed(store, pid)
+    again = client.post("/v1/predictions?wait=0.1", data=images.jpeg(), headers=headers)
+    assert again.status_code == 202 and again.get_json()["id"] == pid
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert recorder.pids == [pid]
+
 # --- health & page -----------------------------------------------------------------------------------
 def worker_info(**over) -> dict:
     info = {"state": "READY", "model": "resnet18", "sha256": "x", "pretrained": 0, "precision": "fp32",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -87,6 +88,44 @@ def test_wait_shrinks_long_poll_when_server_allows_less():
         assert c.wait(pid, timeout=5)["status"] == "succeeded"
         assert c.long_poll <= 2.0
 
+
+
+def test_classify_gets_a_fast_result_in_the_submit_itself():
+    """POST ?wait: one request per image when the result comes within the submit's wait."""
+    with FakeApi(delay_s=0.1) as fake:
+        c = make_client(fake)
+        out = c.classify(PNG, top_k=3, timeout=5)
+        assert out["status"] == "succeeded" and out["top_k"] == fake_top_k(PNG, 3)
+        assert fake.count("POST", "/v1/predictions") == 1 and fake.count("GET", "/v1/predictions/") == 0
+
+
+def test_classify_long_polls_when_the_submit_wait_runs_out(fake):
+    fake.pause()
+    c = make_client(fake, long_poll=0.2)
+    resumer = threading.Timer(0.5, fake.resume)
+    resumer.start()
+    try:
+        out = c.classify(PNG, timeout=10)
+    finally:
+        resumer.cancel()
+    assert out["status"] == "succeeded"
+    assert fake.count("POST", "/v1/predictions") == 1 and fake.count("GET", "/v1/predictions/") >= 1
+
+
+def test_classify_asks_for_a_shorter_wait_when_the_server_allows_less():
+    with FakeApi(max_wait_s=2.0, delay_s=0.1) as fake:
+        c = make_client(fake, long_poll=25.0)
+        assert c.classify(PNG, timeout=5)["status"] == "succeeded"
+        assert c.long_poll <= 2.0
+        assert len(fake.predictions) == 1  # the refused submits stored nothing
+
+
+def test_submit_sends_the_image_as_the_raw_body_with_top_k_in_the_query(fake):
+    c = make_client(fake)
+    rec = c.submit(JPEG, top_k=2)
+    assert rec["status"] == "queued" and rec["top_k"] == 2
+    assert fake.content_types == ["application/octet-stream"]  # no multipart form for the server to parse
+    assert c.wait(rec["id"], timeout=5)["top_k"] == fake_top_k(JPEG, 2)
 
 # --- errors ------------------------------------------------------------------------------------
 def test_api_errors_are_parsed(fake):
