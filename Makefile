@@ -24,11 +24,13 @@ EXPORT_ARGS := --precision $(EXPORT_PRECISION) --runtime $(EXPORT_RUNTIME) \
 
 .PHONY: up test unit integration bench soak model install clean settings-table
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQ)'
 	$(PY) -m pip install --quiet -e '.[worker,server,test]'
+	# the client is a distribution of its own (client/pyproject.toml): `pinfer ingest`, tests and bench use it
+	$(PY) -m pip install --quiet -e ./client
 	touch $(STAMP)
 
 install: $(STAMP)

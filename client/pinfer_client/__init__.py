@@ -1,9 +1,11 @@
-"""pinfer client: a small SDK (``client.sdk``) and the bulk ``pinfer ingest`` tool (``client.ingest``).
+"""pinfer client: a small SDK (``pinfer_client.sdk``) and the bulk ingest tool (``pinfer_client.ingest``,
+the ``pinfer-ingest`` command; ``pinfer ingest`` on a server install).
 
-Only ``requests`` (and ``tqdm`` for ingest) are needed, so it installs on a laptop without torch.
-``client.ingest`` is not imported here, so ``python -m client.ingest`` runs it cleanly.
+Its own distribution (``pip install ./client``): only ``requests`` (and ``tqdm`` for ingest) are
+needed, so it installs on a laptop without torch or the server packages. ``pinfer_client.ingest`` is
+not imported here, so the SDK alone does not import tqdm.
 """
-from client.sdk import (
+from pinfer_client.sdk import (
     JOB_DONE_STATUSES,
     TERMINAL_STATUSES,
     AddResult,
@@ -15,6 +17,7 @@ from client.sdk import (
     ResultsPage,
     WaitTimeout,
 )
+from pinfer_client.stop import Stopped, StopToken
 
 __all__ = [
     "AddResult",
@@ -25,6 +28,8 @@ __all__ = [
     "JOB_DONE_STATUSES",
     "Overloaded",
     "ResultsPage",
+    "StopToken",
+    "Stopped",
     "TERMINAL_STATUSES",
     "WaitTimeout",
 ]

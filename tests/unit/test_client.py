@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.sdk import ApiError, ApiUnreachable, Client, Overloaded, WaitTimeout, parse_retry_after, wire_name
+from pinfer_client.sdk import ApiError, ApiUnreachable, Client, Overloaded, WaitTimeout, parse_retry_after, wire_name
 from tests.fixtures.fake_api import FakeApi, fake_top_k
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -337,7 +337,7 @@ def test_base_url_without_scheme(fake):
 
 
 def test_client_imports_no_server_or_heavy_packages():
-    code = ("import sys, client, client.sdk, client.ingest\n"
+    code = ("import sys, pinfer_client, pinfer_client.sdk, pinfer_client.ingest\n"
             "heavy = [m for m in ('torch', 'numpy', 'celery', 'redis', 'api', 'worker', 'shared', 'flask') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")

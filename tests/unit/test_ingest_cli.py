@@ -1,4 +1,4 @@
-"""``pinfer ingest`` (client.ingest) against the in-memory fake API: output, backpressure, resume."""
+"""``pinfer ingest`` (pinfer_client.ingest) against the in-memory fake API: output, backpressure, resume."""
 from __future__ import annotations
 
 import _thread
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client.ingest import ResultsFile, UsageError, ingest, main, scan_paths, state_path_for
-from client.sdk import wire_name
+from pinfer_client.ingest import ResultsFile, UsageError, ingest, main, scan_paths, state_path_for
+from pinfer_client.sdk import wire_name
 from tests.fixtures.fake_api import FakeApi, fake_top_k
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +205,7 @@ def test_ctrl_c_exits_130_then_rerun_finishes(fake, tree, tmp_path, capsys, monk
             fired.append(True)
             _thread.interrupt_main()
 
-    import client.ingest as ingest_module
+    import pinfer_client.ingest.cli as ingest_module
 
     original = ingest_module.ingest
     monkeypatch.setattr(ingest_module, "ingest", lambda *a, **kw: original(*a, on_upload=hook, **kw))
@@ -401,7 +401,7 @@ def test_bad_paths_exit_2(fake, tmp_path, capsys):
 
 
 def test_runs_as_python_dash_m():
-    proc = subprocess.run([sys.executable, "-m", "client.ingest", "--help"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pinfer_client.ingest", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--api", "--out", "--csv", "--top-k", "--concurrency", "--chunk", "--name", "--no-progress"):
