@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("api", "worker", "shared", "weights", "client", "pinfer")
+PACKAGES = ("api", "worker", "shared", "weights", "pinfer")  # the client has its own wheel (client/)
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:

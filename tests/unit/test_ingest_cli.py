@@ -4,6 +4,7 @@ from __future__ import annotations
 import _thread
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -218,6 +219,34 @@ def test_ctrl_c_exits_130_then_rerun_finishes(fake, tree, tmp_path, capsys, monk
     assert state["job_id"] in fake.jobs and fake.jobs[state["job_id"]].status == "open"
     # paused: only images rejected at upload (failed at once, by contract) can have a line yet
     assert all(r["error"]["code"] == "unsupported_format" for r in read_jsonl(out))
+
+    fake.resume()
+    assert run(fake, root, out) == 0
+    check_complete(out, expected)
+    assert json.loads(state_path_for(out).read_text())["job_id"] == state["job_id"]
+
+
+def test_sigterm_stops_cleanly_with_state_saved_then_rerun_finishes(fake, tree, tmp_path):
+    """SIGTERM (a container stop, a killed terminal) winds the run down like Ctrl-C: exit 143, the
+    output flushed, the state saved; the same command then finishes the same job."""
+    root, expected = tree
+    out = tmp_path / "r.jsonl"
+    fake.pause()  # no result arrives, so the run is still going when the signal lands
+    proc = subprocess.Popen([sys.executable, "-m", "pinfer_client.ingest", str(root), "--api", fake.url,
+                             "--out", str(out), *FAST], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_until(lambda: state_path_for(out).exists() and fake.sent_names() or proc.poll() is not None, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Re-run the same command to resume" in err and "Traceback" not in err
+    assert f"{len(expected)} images" in stdout  # the summary is still printed
+    state = json.loads(state_path_for(out).read_text())
+    assert fake.jobs[state["job_id"]].status == "open"
 
     fake.resume()
     assert run(fake, root, out) == 0
