@@ -26,14 +26,16 @@ EXPORT_ARGS := --precision $(EXPORT_PRECISION) --runtime $(EXPORT_RUNTIME) \
 
 # Everything but torch comes from the lock requirements/dev.txt, every file checked against its
 # sha256 (--require-hashes); torch (above) by its exact version, see "Lock files" below for why.
-# The package itself goes in last without dependencies and without build isolation (the locked
-# setuptools builds it), so nothing unlocked is ever resolved.
-$(STAMP): pyproject.toml requirements/dev.txt
+# The packages themselves go in last without dependencies and without build isolation (the locked
+# setuptools builds them), so nothing unlocked is ever resolved. The client is a distribution of its
+# own (client/pyproject.toml; its requests, urllib3 and tqdm are in the lock): `pinfer ingest`,
+# tests and bench use it.
+$(STAMP): pyproject.toml client/pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQ)'
 	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e ./client
 	$(PY) -m pip check
 	touch $(STAMP)
 

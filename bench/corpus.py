@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.ingest import IMAGE_SUFFIXES  # the one list of what counts as an image file
+from pinfer_client.ingest import IMAGE_SUFFIXES  # the one list of what counts as an image file
 from shared.settings import PROJECT_ROOT
 
 

@@ -1,4 +1,4 @@
-"""The load generator's HTTP: every call goes through ``client.sdk.Client``, what users run.
+"""The load generator's HTTP: every call goes through ``pinfer_client.sdk.Client``, what users run.
 
 One ``Client`` per base URL, shared by the load threads (it is thread-safe, with a connection pool
 as large as the most threads a benchmark uses). The SDK retries a 429/503 after ``Retry-After``.
@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from client.sdk import TERMINAL_STATUSES, Client
+from pinfer_client.sdk import TERMINAL_STATUSES, Client
 
 POOL = 32  # the most concurrent calls one benchmark makes on one base URL
 _clients: dict[str, Client] = {}

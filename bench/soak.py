@@ -14,7 +14,7 @@ SIGKILL every 2 minutes. Not part of CI.
    the end, and the number of accepted images without a terminal result (goal: 0; exit status 1
    otherwise), RSS growth after warm-up (goal: < 5 %), p99 flat.
 
-Every HTTP call goes through ``client.sdk`` (``bench.http``); the bulk upload is
+Every HTTP call goes through ``pinfer_client.sdk`` (``bench.http``); the bulk upload is
 ``bench.benchmarks.bulk.upload``. What is left here is the load shape and the bookkeeping.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bench.corpus import BenchImage, load_corpus, materialize
 from bench.http import client, close_clients, submit, wait_result
 from bench.stack import OUT_DIR, Stack, descendants
 from bench.variants import REFERENCE, export_models
-from client.sdk import TERMINAL_STATUSES, ClientError
+from pinfer_client.sdk import TERMINAL_STATUSES, ClientError
 
 
 def rss_mib(pid: int) -> float | None:

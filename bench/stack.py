@@ -84,7 +84,7 @@ def start_baseline(env: dict, port: int, log: Path) -> Proc:
 
 
 def _healthy(base: str) -> bool:
-    from client.sdk import Client
+    from pinfer_client.sdk import Client
 
     with Client(base, timeout=2.0, retries=0) as c:
         return c.healthz().get("status") == "ok"

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     elif cmd == "worker":
         from worker.launcher import main as run
     elif cmd == "ingest":
-        from client.ingest import main as run
+        run = _ingest
     elif cmd == "api":
         run = _api
     elif cmd == "up":
@@ -48,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pinfer: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     return int(run(rest) or 0)
+
+
+def _ingest(argv: list[str]) -> int:
+    """``pinfer ingest`` is the client distribution's command (``pinfer-ingest``, package
+    ``pinfer_client``), run from here so a server install keeps one ``pinfer`` for everything."""
+    try:
+        from pinfer_client.ingest.cli import main
+    except ImportError as exc:
+        print(f"pinfer ingest: the client is not installed ({exc}); `pip install ./client` "
+              "(make install does it)", file=sys.stderr)
+        return 2
+    return main(argv, prog="pinfer ingest")
 
 
 def _settings(argv: list[str]) -> int:

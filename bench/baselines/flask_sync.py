@@ -8,7 +8,7 @@ image before answering. No queue, no batching, no Redis. Run under gunicorn, one
     PINFER_MODEL_DIR=weights/build gunicorn -w 1 'bench.baselines.flask_sync:create_app()'
 
 It answers ``POST /v1/predictions`` with the finished record (200, ``status: succeeded``) so that
-the benchmark drives it through the same ``client.sdk`` call as pinfer.
+the benchmark drives it through the same ``pinfer_client.sdk`` call as pinfer.
 """
 from __future__ import annotations
 

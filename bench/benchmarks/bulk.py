@@ -1,7 +1,7 @@
 """A bulk job on one worker, then on two workers on two cores (fresh stacks).
 
 The corpus x10 (x1 with --quick), names ``copy<i>/<file>``, uploaded in chunks of 16 from a
-thread through ``client.sdk`` (a 429 waits its ``Retry-After``), closed, and followed with the
+thread through ``pinfer_client.sdk`` (a 429 waits its ``Retry-After``), closed, and followed with the
 results cursor. Rate = images / (first upload -> last result line read); ``ratio_2w_1w`` is the
 scaling figure (target >= 1.85). Two workers take both cores, so here the load generator shares
 them (it has little to do: one upload thread and one reader).
@@ -112,5 +112,5 @@ def run(ctx: Ctx, f: Figures) -> None:
         f.note(f"{k} worker(s): job counts {r['job']['counts']}, job rate_per_s {r['job'].get('rate_per_s')}")
     f.add("ratio_2w_1w", rates[2] / rates[1])
     f.add("variant", v.name)
-    f.note(f"{len(items)} images (corpus x{mult}), chunks of {CHUNK} via client.sdk; variant {v.name}; "
+    f.note(f"{len(items)} images (corpus x{mult}), chunks of {CHUNK} via pinfer_client.sdk; variant {v.name}; "
            "rate = images / (first upload -> last result read); overhead = cores/rate - 1/inprocess_rate")

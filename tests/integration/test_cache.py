@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from client import Client
+from pinfer_client import Client
 from tests.integration.conftest import jpeg
 
 pytestmark = pytest.mark.integration

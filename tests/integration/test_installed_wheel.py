@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("api", "worker", "shared", "weights", "client", "pinfer")
+PACKAGES = ("api", "worker", "shared", "weights", "pinfer")  # the client has its own wheel (client/)
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
@@ -37,14 +38,17 @@ def installed(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for pkg in PACKAGES:
-        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for pkg in (*PACKAGES, "client"):  # client/ too, as in a checkout: the server wheel must leave it out
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     dist = base / "dist"
     # No build isolation: the build backend (setuptools, from the `test` extra) is already here,
     # and nothing is downloaded.
     _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
           "--wheel-dir", dist, src])
     wheel = next(dist.glob("pinfer-*.whl"))
+    # exactly the server's packages at the top level: the client is a distribution of its own
+    top = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in top if not t.endswith(".dist-info")} == set(PACKAGES), top
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
     _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--quiet", "--no-deps",

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from client.ingest import ingest, load_state, state_path_for
-from client.sdk import Client
+from pinfer_client.ingest import ingest, load_state, state_path_for
+from pinfer_client.sdk import Client
 from pinfer.procs import ROOT, wait_until
 from shared import keys
 from shared.schema import TERMINAL

@@ -4,11 +4,14 @@ from __future__ import annotations
 import subprocess
 import threading
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from client.sdk import ApiError, ApiUnreachable, Client, Overloaded, WaitTimeout, parse_retry_after, wire_name
+from pinfer_client.sdk import (ApiError, ApiUnreachable, Client, Overloaded, Stopped, StopToken, WaitTimeout,
+                               parse_retry_after, wire_name)
 from tests.fixtures.fake_api import FakeApi, fake_top_k
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -375,8 +378,41 @@ def test_base_url_without_scheme(fake):
     assert c.base_url == fake.url and c.healthz()["status"] == "ok"
 
 
+# --- stopping ----------------------------------------------------------------------------------
+def test_stopped_client_sends_nothing(fake):
+    stop = StopToken()
+    c = make_client(fake, stop=stop)
+    assert c.healthz()["status"] == "ok"
+    stop.stop()
+    with pytest.raises(Stopped):
+        c.submit(PNG)
+    assert fake.count("POST") == 0
+
+
+def test_stop_ends_a_retry_after_wait_at_once(fake):
+    """The server says come back in 100 s; the token is set meanwhile: the call ends with Stopped
+    instead of sleeping it out and trying again."""
+    fake.overload_next_submits(1, retry_after=100)
+    stop = StopToken()
+
+    def stop_after_first_try():
+        deadline = time.monotonic() + 30
+        while fake.count("POST", "/v1/predictions") < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stop.stop()
+
+    setter = threading.Thread(target=stop_after_first_try)
+    setter.start()
+    try:
+        with pytest.raises(Stopped):
+            make_client(fake, stop=stop).submit(PNG)
+    finally:
+        setter.join()
+    assert fake.count("POST", "/v1/predictions") == 1 and not fake.predictions
+
+
 def test_client_imports_no_server_or_heavy_packages():
-    code = ("import sys, client, client.sdk, client.ingest\n"
+    code = ("import sys, pinfer_client, pinfer_client.sdk, pinfer_client.ingest\n"
             "heavy = [m for m in ('torch', 'numpy', 'celery', 'redis', 'api', 'worker', 'shared', 'flask') "
             "if m in sys.modules]\n"
             "assert not heavy, heavy\n")

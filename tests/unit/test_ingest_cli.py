@@ -1,9 +1,10 @@
-"""``pinfer ingest`` (client.ingest) against the in-memory fake API: output, backpressure, resume."""
+"""``pinfer ingest`` (pinfer_client.ingest) against the in-memory fake API: output, backpressure, resume."""
 from __future__ import annotations
 
 import _thread
 import csv
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from client.ingest import ResultsFile, UsageError, ingest, main, scan_paths, state_path_for
-from client.sdk import wire_name
+from pinfer_client.ingest import ResultsFile, UsageError, ingest, main, scan_paths, state_path_for
+from pinfer_client.sdk import wire_name
 from tests.fixtures.fake_api import FakeApi, fake_top_k
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,7 +206,7 @@ def test_ctrl_c_exits_130_then_rerun_finishes(fake, tree, tmp_path, capsys, monk
             fired.append(True)
             _thread.interrupt_main()
 
-    import client.ingest as ingest_module
+    import pinfer_client.ingest.cli as ingest_module
 
     original = ingest_module.ingest
     monkeypatch.setattr(ingest_module, "ingest", lambda *a, **kw: original(*a, on_upload=hook, **kw))
@@ -218,6 +219,34 @@ def test_ctrl_c_exits_130_then_rerun_finishes(fake, tree, tmp_path, capsys, monk
     assert state["job_id"] in fake.jobs and fake.jobs[state["job_id"]].status == "open"
     # paused: only images rejected at upload (failed at once, by contract) can have a line yet
     assert all(r["error"]["code"] == "unsupported_format" for r in read_jsonl(out))
+
+    fake.resume()
+    assert run(fake, root, out) == 0
+    check_complete(out, expected)
+    assert json.loads(state_path_for(out).read_text())["job_id"] == state["job_id"]
+
+
+def test_sigterm_stops_cleanly_with_state_saved_then_rerun_finishes(fake, tree, tmp_path):
+    """SIGTERM (a container stop, a killed terminal) winds the run down like Ctrl-C: exit 143, the
+    output flushed, the state saved; the same command then finishes the same job."""
+    root, expected = tree
+    out = tmp_path / "r.jsonl"
+    fake.pause()  # no result arrives, so the run is still going when the signal lands
+    proc = subprocess.Popen([sys.executable, "-m", "pinfer_client.ingest", str(root), "--api", fake.url,
+                             "--out", str(out), *FAST], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_until(lambda: state_path_for(out).exists() and fake.sent_names() or proc.poll() is not None, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Re-run the same command to resume" in err and "Traceback" not in err
+    assert f"{len(expected)} images" in stdout  # the summary is still printed
+    state = json.loads(state_path_for(out).read_text())
+    assert fake.jobs[state["job_id"]].status == "open"
 
     fake.resume()
     assert run(fake, root, out) == 0
@@ -401,7 +430,7 @@ def test_bad_paths_exit_2(fake, tmp_path, capsys):
 
 
 def test_runs_as_python_dash_m():
-    proc = subprocess.run([sys.executable, "-m", "client.ingest", "--help"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pinfer_client.ingest", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0
     for flag in ("--api", "--out", "--csv", "--top-k", "--concurrency", "--chunk", "--name", "--no-progress"):

@@ -29,6 +29,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+from pinfer_client.stop import Stopped, StopToken
+
 #: Environment variable the API key is read from when none is passed (``Authorization: Bearer``).
 API_KEY_ENV = "PINFER_API_KEY"
 #: Sent with every POST (a new random key per call, the same on its retries).
@@ -43,6 +45,8 @@ __all__ = [
     "JOB_DONE_STATUSES",
     "Overloaded",
     "ResultsPage",
+    "StopToken",
+    "Stopped",
     "TERMINAL_STATUSES",
     "WaitTimeout",
     "wire_name",
@@ -203,15 +207,16 @@ class Client:
     """A pinfer API client; thread-safe (share one across upload threads).
 
     ``retries`` bounds the retries of one call (0 = try once); ``timeout`` is the read timeout of
-    a call (a long-poll adds its ``wait``). ``sleep`` exists so callers can make waits
-    interruptible (and tests can record them).
+    a call (a long-poll adds its ``wait``). ``sleep`` exists so tests can record waits.
+    ``stop`` (a :class:`StopToken`) makes every call stoppable: once it is set, a call raises
+    :class:`Stopped` instead of sending another request, and its waits end at once.
     """
 
     def __init__(self, base_url: str, timeout: float = 30.0, retries: int = 5,
                  session: requests.Session | None = None, *, backoff: float = 0.5,
                  backoff_max: float = 30.0, max_retry_after: float = 120.0, long_poll: float = 25.0,
                  pool_size: int = 16, sleep: Callable[[float], Any] = time.sleep,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, stop: StopToken | None = None) -> None:
         if "://" not in base_url:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
@@ -225,6 +230,7 @@ class Client:
         self.max_retry_after = max_retry_after
         self.long_poll = long_poll
         self._sleep = sleep
+        self._stop = stop
         self._own_session = session is None
         if session is None:
             session = requests.Session()
@@ -255,6 +261,13 @@ class Client:
         failed together do not come back together."""
         return min(self.backoff_max, self.backoff * (2 ** attempt)) * random.uniform(0.5, 1.0)
 
+    def _pause(self, seconds: float) -> None:
+        """Every wait between tries: on the stop token when there is one (raises Stopped)."""
+        if self._stop is not None:
+            self._stop.sleep(seconds)
+        else:
+            self._sleep(seconds)
+
     def _request(self, method: str, path: str, *, idempotent: bool, retry_429: bool = True,
                  ok: tuple[int, ...] = (), read_timeout: float | None = None,
                  **kwargs: Any) -> requests.Response:
@@ -271,6 +284,8 @@ class Client:
             idempotent = True
         attempt = 0
         while True:
+            if self._stop is not None:
+                self._stop.check()
             try:
                 resp = self.session.request(method, url, timeout=timeout, **kwargs)
             except (requests.ConnectionError, requests.Timeout,
@@ -293,7 +308,7 @@ class Client:
                 else:
                     delay = self.backoff_delay(attempt)
             attempt += 1
-            self._sleep(delay)
+            self._pause(delay)
 
     @staticmethod
     def _json(resp: requests.Response) -> dict:
@@ -361,7 +376,7 @@ class Client:
             if now >= deadline:
                 raise WaitTimeout(pid, record)
             if now - started < poll_interval:
-                self._sleep(min(poll_interval - (now - started), deadline - now))
+                self._pause(min(poll_interval - (now - started), deadline - now))
 
     def classify(self, image: ImageInput, top_k: int | None = None, timeout: float = 60.0) -> dict:
         """Submit and wait: the finished record (check ``status``; a failed one carries ``error``).
@@ -425,7 +440,7 @@ class Client:
                 result.overloaded = True
                 break
             delay = result.retry_after if result.retry_after is not None else self.backoff_delay(waits)
-            self._sleep(min(self.max_retry_after, delay) * random.uniform(1.0, 1.1))
+            self._pause(min(self.max_retry_after, delay) * random.uniform(1.0, 1.1))
             waits += 1
         result.pending = [n for n, _ in pending]
         return result
@@ -475,7 +490,7 @@ class Client:
                     if stop.wait(poll_interval):
                         return
                 else:
-                    self._sleep(poll_interval)
+                    self._pause(poll_interval)
 
     def iter_results(self, job_id: str, cursor: int = 0, *, limit: int = 1000, poll_interval: float = 1.0,
                      stop: Any = None) -> Iterator[dict]:
