@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from client.sdk import Client
+from pinfer_client.sdk import Client
 from pinfer.procs import wait_until
 from shared import keys
 from tests.fixtures.models import make_fixture_model
