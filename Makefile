@@ -35,7 +35,8 @@ $(STAMP): pyproject.toml client/pyproject.toml requirements/dev.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_REQ)'
 	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . -e ./client
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e ./client
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	touch $(STAMP)
 
