@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from pinfer.procs import free_port, start_workers, wait_until
+from pinfer.procs import free_port, wait_until
 from tests.integration._images import truncated_jpeg
 from tests.integration.conftest import jpeg
 from tests.integration.test_web_page import browser  # noqa: F401  (the shared Chromium fixture)
@@ -129,7 +129,7 @@ def test_dashboard_shows_a_bulk_job_move_until_the_queue_is_empty(make_stack, br
           if (bar) window.seenProgress.push(Number(bar.getAttribute('aria-valuenow'))); })
         .observe(document.querySelector('#jobs tbody'), {childList: true, subtree: true}); }""")
 
-    stack.procs.append(start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.start_workers(wait=False)
     page.wait_for_function(f"""() => {{
         const bar = document.querySelector('{row} [role=progressbar]');
         return bar && bar.getAttribute('aria-valuenow') === '100.0'
