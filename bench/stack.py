@@ -37,8 +37,8 @@ class Stack(_stack.Stack):
                  ready_timeout: float = 180.0, cores: list[int] | None = None, baseline: bool = False) -> None:
         workdir = Path(log_root) / name
         shutil.rmtree(workdir, ignore_errors=True)
-        base = _stack.Stack.create(workdir, model_dir, cores=cores, new_session=True, ready_timeout=ready_timeout)
-        super().__init__(base.workdir, base.env, cores=cores, new_session=True, ready_timeout=ready_timeout)
+        super().__init__(workdir, _stack.stack_env(model_dir, cores=cores), cores=cores, new_session=True,
+                         ready_timeout=ready_timeout)
         self.env.update({k: str(v) for k, v in (env or {}).items()})
         self.name, self.baseline = name, baseline
         self._plan = (workers, apis, nginx)

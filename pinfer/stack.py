@@ -41,6 +41,20 @@ TEST_ENV = {"PINFER_PRECISION": "fp32", "PINFER_RESIZE": "exact", "PINFER_CACHE_
 _STOP_RANK = {"nginx": 0, "api": 1, "baseline": 1, "workers": 3, "redis": 4, "sentinel": 4}
 
 
+def stack_env(model_dir: Path | str | None = None, base_env: Mapping[str, str] | None = None,
+              cores: Iterable[int] | None = None) -> dict[str, str]:
+    """``TEST_ENV`` on top of ``base_env`` (default ``os.environ``), ``PINFER_MODEL_DIR`` = ``model_dir``,
+    ``PINFER_CORES`` = ``cores``; ``PINFER_WORKERS`` dropped (each :meth:`Stack.start_workers` says
+    how many)."""
+    env = {**(os.environ if base_env is None else base_env), **TEST_ENV}
+    if model_dir is not None:
+        env["PINFER_MODEL_DIR"] = str(model_dir)
+    env.pop("PINFER_WORKERS", None)
+    if cores:
+        env["PINFER_CORES"] = ",".join(str(c) for c in cores)
+    return env
+
+
 @contextlib.contextmanager
 def pinned(cores: Iterable[int] | None) -> Iterator[None]:
     """Run the block with this thread's affinity set to ``cores`` (children forked in it inherit
@@ -155,16 +169,8 @@ class Stack:
     @classmethod
     def create(cls, workdir: Path, model_dir: Path | str | None = None, *, base_env: Mapping[str, str] | None = None,
                **kw) -> "Stack":
-        """A stack (nothing started yet) with ``TEST_ENV`` on top of ``base_env`` (default
-        ``os.environ``) and ``PINFER_MODEL_DIR`` = ``model_dir``; ``PINFER_WORKERS`` is dropped (each
-        :meth:`start_workers` call says how many)."""
-        env = {**(os.environ if base_env is None else base_env), **TEST_ENV}
-        if model_dir is not None:
-            env["PINFER_MODEL_DIR"] = str(model_dir)
-        env.pop("PINFER_WORKERS", None)
-        if kw.get("cores"):
-            env["PINFER_CORES"] = ",".join(str(c) for c in kw["cores"])
-        return cls(Path(workdir), env, **kw)
+        """A stack (nothing started yet) running with :func:`stack_env`."""
+        return cls(Path(workdir), stack_env(model_dir, base_env, kw.get("cores")), **kw)
 
     # -- composing --------------------------------------------------------------------------------
     def up(self, workers: int = 1, apis: int = 1, nginx: bool = False, **env: object) -> "Stack":
