@@ -226,8 +226,9 @@ class Stack:
         a free one); with ``wait``, returns once it answers /healthz."""
         port = port or free_port()
         with pinned(self.cores):
-            proc = _procs.start_api(self.env, port, log or self.workdir / f"api-{port}.log",
-                                    new_session=self.new_session)
+            if log is None:  # api.log, then api-<port>.log (as workers.log, workers-1.log)
+                log = self.workdir / ("api-%d.log" % port if self.api_bases else "api.log")
+            proc = _procs.start_api(self.env, port, log, new_session=self.new_session)
         self._add(proc)
         base = f"http://127.0.0.1:{port}"
         self.api_bases.append(base)
