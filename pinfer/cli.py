@@ -147,9 +147,8 @@ def _up(argv: list[str]) -> int:
     import logging
     import threading
 
-    import requests
-
-    from pinfer.procs import ROOT, start_api, start_redis, start_workers
+    from pinfer.procs import ROOT
+    from pinfer.stack import Stack
     from shared import logs
     from shared.settings import Settings
     from weights.export import main as export
@@ -162,8 +161,7 @@ def _up(argv: list[str]) -> int:
         return 1
     run_dir = Path(os.environ.get("PINFER_RUN_DIR", ROOT / "run"))
     run_dir.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    procs = []
+    stack = Stack(run_dir, dict(os.environ), redis_url=os.environ.get("PINFER_REDIS_URL", ""))
     stop = threading.Event()
     signals_seen = [0]
 
@@ -174,36 +172,31 @@ def _up(argv: list[str]) -> int:
                         "signal again to kill")
             stop.set()
         else:
-            for p in procs:
+            for p in stack.procs:
                 p.popen.kill()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        if not os.environ.get("PINFER_REDIS_URL"):
+        if not stack.redis_url:
             data = settings.data_path()
             lock = _lock_data_dir(data)
             if lock is None:
                 print(f"pinfer: another `pinfer up` is using {data}; stop it, or set PINFER_DATA_DIR "
                       "to another folder", file=sys.stderr)
                 return 1
-            redis_proc, url = start_redis(data, durable=True, maxmemory=settings.derived_redis_maxmemory())
-            procs.append(redis_proc)
-            env["PINFER_REDIS_URL"] = url
-            log.info("started a private redis-server at %s, data in %s (PINFER_DATA_DIR)", url, data)
-        procs.append(start_workers(env, run_dir / "workers.log"))
-        procs.append(start_api(env, settings.port, run_dir / "api.log"))
-        base = f"http://127.0.0.1:{settings.port}"
+            stack.start_redis(durable=True, maxmemory=settings.derived_redis_maxmemory(), workdir=data)
+            log.info("started a private redis-server at %s, data in %s (PINFER_DATA_DIR)", stack.redis_url, data)
+        stack.start_workers(log=run_dir / "workers.log", wait=False)
+        stack.start_api(settings.port, log=run_dir / "api.log", wait=False)
+        base = stack.base
         _, expected = worker_slots(settings)
         ready: dict = {}
         deadline = time.monotonic() + 300
         while not stop.is_set() and time.monotonic() < deadline:
-            if any(p.popen.poll() is not None for p in procs):
+            if any(p.popen.poll() is not None for p in stack.procs):
                 break
-            try:
-                ready = requests.get(base + "/readyz", timeout=2).json()
-            except (requests.RequestException, ValueError):
-                ready = {}
+            ready = _readyz(base)
             if ready.get("ready_workers", 0) >= expected:
                 break
             stop.wait(0.25)
@@ -212,17 +205,27 @@ def _up(argv: list[str]) -> int:
             n = ready["ready_workers"]
             log.info("pinfer ready on %s (%d worker%s)%s  dashboard: %s/dashboard  Ctrl-C to stop", base, n,
                      "s" if n != 1 else "", warn, base)
-        while not stop.is_set() and all(p.popen.poll() is None for p in procs):
+        while not stop.is_set() and all(p.popen.poll() is None for p in stack.procs):
             stop.wait(0.5)
         if stop.is_set():
             return 0
-        dead = [p.name for p in procs if p.popen.poll() is not None]
+        dead = [p.name for p in stack.procs if p.popen.poll() is not None]
         log.error("%s exited; stopping", ", ".join(dead))
         return 1
     finally:
-        for p in reversed(procs):  # API, then workers (warm shutdown), then Redis
-            p.stop(signal.SIGTERM, 60)
+        stack.stop()  # API, then workers (warm shutdown), then Redis
         log.info("stopped")
+
+
+def _readyz(base: str) -> dict:
+    """The /readyz body, {} while the API does not answer yet."""
+    from pinfer_client.sdk import Client, ClientError
+
+    try:
+        with Client(base, timeout=2.0, retries=0) as c:
+            return c.readyz()[1]
+    except ClientError:
+        return {}
 
 
 def _lock_data_dir(data: Path):

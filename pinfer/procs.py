@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker.launcher import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 # gunicorn's settings for the API, a module of this package: found wherever pinfer is installed.
 GUNICORN_CONF = "python:pinfer.gunicorn_conf"
@@ -73,16 +75,6 @@ class Proc:
         return self.popen.returncode
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this child when the process that started it dies (Linux PR_SET_PDEATHSIG)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
-
-
 def redis_persistence_args(durable: bool, maxmemory: int = 0) -> list[str]:
     """``durable``: append-only file, fsynced every second. A crash of Redis, or of everything, loses
     nothing (each write reaches the file before Redis answers); only a power cut can lose the last
@@ -109,7 +101,7 @@ def start_redis(workdir: Path, port: int | None = None, durable: bool = False,
     # Its own session: a Ctrl-C in the terminal must not stop Redis before the workers have
     # finished their batches (they need it to store results); it still dies with its parent.
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-                         preexec_fn=_die_with_parent)
+                         preexec_fn=die_with_parent)
     url = f"redis://127.0.0.1:{port}/0"
     import redis
 

@@ -40,13 +40,6 @@ def nginx_binary() -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now (the usual bind-to-0 trick; racy but fine for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def render_nginx_conf(upstreams: list[str], listen: str, workdir: Path, *,
                       source: Path = NGINX_CONF, worker_processes: int | None = 1) -> Path:
     """Write a loopback variant of ``source`` into ``workdir`` and return its path.
@@ -141,11 +134,17 @@ def nginx_test(conf: Path) -> subprocess.CompletedProcess:
     return subprocess.run(nginx_command(conf, "-t", "-q"), capture_output=True, text=True, timeout=30)
 
 
-def start_nginx(conf: Path, *, wait_for: str | None = None, timeout: float = 10.0) -> subprocess.Popen:
+def start_nginx(conf: Path, *, wait_for: str | None = None, timeout: float = 10.0,
+                log: Path | None = None) -> subprocess.Popen:
     """Start nginx in the foreground on a rendered config; if ``wait_for`` (``host:port``), wait
-    until it accepts connections. Stop it with ``proc.terminate(); proc.wait()``."""
-    proc = subprocess.Popen(nginx_command(conf, "-g", "daemon off;"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    until it accepts connections. Its output goes to ``log`` (a file) or a pipe. Stop it with
+    ``proc.terminate(); proc.wait()``."""
+    cmd = nginx_command(conf, "-g", "daemon off;")
+    if log is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    else:
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     if wait_for:
         host, _, port = wait_for.rpartition(":")
         try:
@@ -153,6 +152,8 @@ def start_nginx(conf: Path, *, wait_for: str | None = None, timeout: float = 10.
         except Exception:
             proc.kill()
             out, _ = proc.communicate(timeout=5)
+            if log is not None:
+                out = Path(log).read_text(errors="replace")
             raise RuntimeError(f"nginx did not start:\n{out}") from None
     return proc
 

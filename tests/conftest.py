@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from pinfer_client.ingest import IMAGE_SUFFIXES  # the one list of what counts as an image file
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = Path(os.environ.get("PINFER_CORPUS_DIR", ROOT.parent / "shared" / "corpus" / "photos"))
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".gif", ".bmp"}
 
 
 def corpus_photos() -> list[Path]:

@@ -30,10 +30,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from pinfer_client.ingest import IMAGE_SUFFIXES  # the one list of what counts as an image file (the client distribution is installed beside the server: Makefile, Dockerfile)
 from shared.errors import ModelArtifactError
 from weights.manifest import VariantBuild
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".gif", ".bmp"}
 CALIBRATION_IMAGES = 128
 HOLDOUT_IMAGES = 256
 CALIBRATION_SEED = 0

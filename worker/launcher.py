@@ -157,7 +157,7 @@ class Launcher:
     def spawn(self, child: Child) -> None:
         env = self.environment(child)
         env["PINFER_WORKER_SLOT"] = str(child.slot)  # the worker's metrics port is PINFER_METRICS_PORT + slot
-        child.proc = subprocess.Popen(self.command(child), env=env, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen(self.command(child), env=env, preexec_fn=die_with_parent)
         child.started = time.monotonic()
         log.info("worker slot %d started on core %s (pid %d)", child.slot, child.core, child.proc.pid)
 
@@ -230,8 +230,9 @@ def check(settings: Settings) -> int:
     return 0 if mine else 1
 
 
-def _die_with_parent() -> None:
-    """Children get SIGTERM if the launcher itself is killed (Linux prctl PR_SET_PDEATHSIG)."""
+def die_with_parent() -> None:
+    """SIGTERM this child when the process that started it dies (Linux prctl PR_SET_PDEATHSIG):
+    the launcher's workers, and the private redis-server of `pinfer up` and the tests."""
     try:
         import ctypes
 

@@ -1,27 +1,25 @@
 """Real processes on loopback: redis-server, `pinfer worker` (pinned Celery workers), gunicorn.
 
-``make_stack(workers=N, **settings)`` starts a private Redis and the same commands a user runs,
-waits for /readyz, and stops everything at the end of the module. Each stack has its own Redis,
-so tests never need to flush a database under running workers.
+``make_stack(workers=N, **settings)`` composes a :class:`pinfer.stack.Stack` (the stack `pinfer up`
+and the benchmarks run), waits until it serves, and stops everything at the end of the module.
+Each stack has its own Redis, so tests never need to flush a database under running workers.
 """
 from __future__ import annotations
 
 import io
-import os
-import signal
-import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-import requests
 from PIL import Image
 
-from pinfer.procs import Proc, free_port, start_api, start_redis, start_workers, wait_until
+from pinfer.stack import Stack
 from shared.schema import TERMINAL  # noqa: F401 (tests import it from here)
-from shared.settings import Settings
-from shared.store import Store
+
+# On top of pinfer.stack.TEST_ENV (fp32, exact resize, no result cache: these tests resubmit images
+# and must see real inference; tests/integration/test_cache.py turns the cache on).
+STACK_ENV = {"PINFER_API_PROCESSES": "2", "PINFER_API_THREADS": "32", "PINFER_MAX_WAITERS": "24"}
 
 pytestmark = pytest.mark.integration
 
@@ -47,81 +45,22 @@ def model_dir(tmp_path_factory) -> Path:
     return d
 
 
-@dataclass
-class Stack:
-    base: str
-    redis_url: str
-    env: dict
-    workdir: Path
-    procs: list[Proc] = field(default_factory=list)
-    http: requests.Session = field(default_factory=requests.Session)
-
-    @property
-    def settings(self) -> Settings:
-        return Settings.from_env(self.env)
-
-    @property
-    def store(self) -> Store:
-        return Store(self.settings)
-
-    def submit(self, data: bytes, top_k: int | None = None, expect: int = 202) -> dict:
-        params = {"top_k": top_k} if top_k else None
-        r = self.http.post(f"{self.base}/v1/predictions", files={"image": ("img", data)}, params=params,
-                           timeout=30)
-        assert r.status_code == expect, r.text
-        return r.json()
-
-    def result(self, pid: str, timeout: float = 120) -> dict:
-        """Long-poll until terminal (the API's own wait, no client-side sleeping)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.http.get(f"{self.base}/v1/predictions/{pid}", params={"wait": 10}, timeout=30)
-            assert r.status_code == 200, r.text
-            body = r.json()
-            if body["status"] in TERMINAL or time.monotonic() > deadline:
-                return body
-
-    def workers(self) -> list[dict]:
-        return [w for w in self.store.live_workers() if w.get("state") in ("READY", "BUSY")]
-
-    def wait_ready(self, n_workers: int, timeout: float = 120, exclude_pids: set[int] = frozenset()) -> None:
-        wait_until(lambda: len([w for w in self.workers() if int(w["pid"]) not in exclude_pids]) >= n_workers,
-                   timeout, f"{n_workers} ready workers")
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            p.stop(signal.SIGTERM, 60)
-
-
 @pytest.fixture(scope="module")
 def make_stack(tmp_path_factory, model_dir) -> Iterator[Callable[..., Stack]]:
+    """``make_stack(workers=N, api=True, **settings)``: a started :class:`pinfer.stack.Stack`
+    (own Redis, ``N`` pinned workers, one API unless ``api=False``); stopped at the end of the module."""
     stacks: list[Stack] = []
 
-    def make(workers: int = 1, api: bool = True, **env_overrides: str) -> Stack:
-        workdir = tmp_path_factory.mktemp("stack")
-        redis_proc, url = start_redis(workdir / "redis")
-        env = {**os.environ, "PINFER_REDIS_URL": url, "PINFER_MODEL_DIR": str(model_dir),
-               "PINFER_WORKERS": str(workers), "PINFER_PRECISION": "fp32", "PINFER_RESIZE": "exact",
-               "PINFER_API_PROCESSES": "2", "PINFER_API_THREADS": "32", "PINFER_MAX_WAITERS": "24",
-               # the result cache off: these tests resubmit images and must see real inference
-               # (tests/integration/test_cache.py turns it on)
-               "PINFER_CACHE_TTL_S": "0", "PYTHONUNBUFFERED": "1"}
-        env.update({k: str(v) for k, v in env_overrides.items()})
-        port = free_port()
-        stack = Stack(f"http://127.0.0.1:{port}", url, env, workdir, [redis_proc])
+    def make(workers: int = 1, api: bool = True, **env_overrides: object) -> Stack:
+        stack = Stack.create(tmp_path_factory.mktemp("stack"), model_dir)
         stacks.append(stack)
-        if workers:
-            stack.procs.append(start_workers(env, workdir / "workers.log"))
-        if api:
-            stack.procs.append(start_api(env, port, workdir / "api.log"))
-            wait_until(lambda: requests.get(stack.base + "/healthz", timeout=2).ok, 60, "API", stack.procs[-1].popen)
-        if workers:
-            stack.wait_ready(workers)
+        stack.env.update(STACK_ENV)
+        stack.up(workers=workers, apis=1 if api else 0, PINFER_WORKERS=workers, **env_overrides)
         return stack
 
     yield make
-    for s in stacks:
-        s.stop()
+    with ThreadPoolExecutor(max(1, len(stacks))) as pool:  # independent stacks: stop them side by side
+        list(pool.map(Stack.stop, stacks))
 
 
 def jpeg(color=(200, 30, 30), size=(320, 240), extra: bytes = b"") -> bytes:

@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from pinfer.procs import free_port, start_workers, wait_until
+from pinfer.procs import free_port, wait_until
 from tests.integration._images import truncated_jpeg
 from tests.integration.conftest import jpeg
 from tests.integration.test_web_page import browser  # noqa: F401  (the shared Chromium fixture)
@@ -115,11 +115,10 @@ def test_dashboard_shows_a_bulk_job_move_until_the_queue_is_empty(make_stack, br
     page.wait_for_selector("#banner:not([hidden])")
     assert "No worker is ready" in page.inner_text("#banner")
 
-    jid = stack.http.post(f"{stack.base}/v1/jobs", json={"name": "dashboard-test"}, timeout=30).json()["id"]
-    files = [("images", (f"img{i:03d}.jpg", jpeg((i % 250, 255 - i % 250, 60)))) for i in range(60)]
-    r = stack.http.post(f"{stack.base}/v1/jobs/{jid}/images", files=files, timeout=60)
-    assert r.status_code == 202 and len(r.json()["accepted"]) == 60
-    stack.http.post(f"{stack.base}/v1/jobs/{jid}/close", timeout=30)
+    jid = stack.client.create_job(name="dashboard-test")["id"]
+    added = stack.client.add_images(jid, [(f"img{i:03d}.jpg", jpeg((i % 250, 255 - i % 250, 60))) for i in range(60)])
+    assert len(added.accepted) == 60 and not added.pending
+    stack.client.close_job(jid)
     row = f'#jobs tr[data-job="{jid}"]'
     page.wait_for_selector(row)
     wait_until(lambda: page.inner_text("#queue-depth") == "60", 30, "the page showing 60 images waiting")
@@ -129,7 +128,7 @@ def test_dashboard_shows_a_bulk_job_move_until_the_queue_is_empty(make_stack, br
           if (bar) window.seenProgress.push(Number(bar.getAttribute('aria-valuenow'))); })
         .observe(document.querySelector('#jobs tbody'), {childList: true, subtree: true}); }""")
 
-    stack.procs.append(start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.start_workers(wait=False)
     page.wait_for_function(f"""() => {{
         const bar = document.querySelector('{row} [role=progressbar]');
         return bar && bar.getAttribute('aria-valuenow') === '100.0'

@@ -7,7 +7,6 @@ with `Retry-After`, never another 5xx; the worker launcher must not restart its 
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -17,8 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from pinfer.procs import Proc, free_port, start_api, start_redis, start_workers, wait_until
-from tests.integration.conftest import TERMINAL, Stack, jpeg
+from pinfer.procs import free_port, wait_until
+from pinfer.stack import Stack
+from tests.integration.conftest import TERMINAL, jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -78,23 +78,24 @@ def _code(r: requests.Response) -> str | None:
 
 def test_redis_killed_and_down_30s_under_load_loses_nothing(tmp_path, model_dir):
     port = free_port()
-    rdir = tmp_path / "redis"
-    redis_proc, url = start_redis(rdir, port, durable=True)
-    env = {**os.environ, "PINFER_REDIS_URL": url, "PINFER_MODEL_DIR": str(model_dir), "PINFER_WORKERS": "1",
-           "PINFER_API_PROCESSES": "1", "PINFER_API_THREADS": "32", "PINFER_MAX_WAITERS": "16",
-           "PINFER_VISIBILITY_TIMEOUT_S": "8", "PINFER_BATCH_TIME_LIMIT_S": "6", "PINFER_RESTORE_INTERVAL_S": "1",
-           "PINFER_HEARTBEAT_S": "1", "PINFER_RETRY_AFTER_S": "1", "PYTHONUNBUFFERED": "1"}
-    api_port = free_port()
-    stack = Stack(f"http://127.0.0.1:{api_port}", url, env, tmp_path, [redis_proc])
-    traffic = Traffic(stack.base)
+    stack = Stack.create(tmp_path, model_dir)
+    stack.env.update({"PINFER_WORKERS": "1", "PINFER_API_PROCESSES": "1", "PINFER_API_THREADS": "32",
+                      "PINFER_MAX_WAITERS": "16", "PINFER_VISIBILITY_TIMEOUT_S": "8",
+                      "PINFER_BATCH_TIME_LIMIT_S": "6", "PINFER_RESTORE_INTERVAL_S": "1",
+                      "PINFER_HEARTBEAT_S": "1", "PINFER_RETRY_AFTER_S": "1"})
+    with stack:  # stopped however the test ends
+        check_redis_faults(stack, port, tmp_path)
+
+
+def check_redis_faults(stack: Stack, port: int, tmp_path) -> None:
+    redis_proc = stack.start_redis(port=port, durable=True)
     threads: list[threading.Thread] = []
+    traffic = Traffic("")
     try:
-        launcher = start_workers(env, tmp_path / "workers.log")
-        stack.procs.append(launcher)
-        api = start_api(env, api_port, tmp_path / "api.log")
-        stack.procs.append(api)
-        wait_until(lambda: requests.get(stack.base + "/healthz", timeout=2).ok, 60, "API", api.popen)
-        stack.wait_ready(1)
+        launcher = stack.start_workers(1, log=tmp_path / "workers.log", wait=False)
+        api = stack.start_api(log=tmp_path / "api.log")
+        traffic.base = stack.base
+        stack.wait_ready(1, proc=launcher)
         worker_pids = {w["pid"] for w in stack.workers()}
 
         threads = [threading.Thread(target=traffic.submit_loop)] + \
@@ -107,32 +108,27 @@ def test_redis_killed_and_down_30s_under_load_loses_nothing(tmp_path, model_dir)
         redis_proc.popen.send_signal(signal.SIGKILL)
         redis_proc.popen.wait(10)
         accepted_at_kill = len(traffic.accepted)
-        redis_proc, _ = start_redis(rdir, port, durable=True)
-        stack.procs[0] = redis_proc
+        redis_proc = stack.start_redis(port=port, durable=True)
         wait_until(lambda: len(traffic.accepted) >= accepted_at_kill + 10, 90, "submissions after the restart")
 
         # 2. down for 30 s (an orderly stop: it writes its file; the clients keep going)
         redis_proc.stop(signal.SIGTERM, 30)
         time.sleep(30)  # the outage itself: the test's input, not synchronisation
         accepted_before_up = len(traffic.accepted)
-        redis_proc, _ = start_redis(rdir, port, durable=True)
-        stack.procs[0] = redis_proc
+        redis_proc = stack.start_redis(port=port, durable=True)
         wait_until(lambda: len(traffic.accepted) >= accepted_before_up + 10, 90, "submissions after the outage")
     finally:
         traffic.stop.set()
         for t in threads:
             t.join(60)
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            finals = list(pool.map(lambda pid: stack.result(pid, timeout=120)["status"], traffic.accepted))
-        lost = [pid for pid, s in zip(traffic.accepted, finals) if s != "succeeded"]
-        assert not lost, f"{len(lost)} of {len(traffic.accepted)} accepted images did not succeed: {lost[:5]}"
-        for status, code, retry_after in traffic.refused + traffic.polled:
-            assert status == 503 and code == "service_unavailable" and retry_after, (status, code, retry_after)
-        assert traffic.refused, "the outage refused nothing: nothing was tested"
-        assert launcher.popen.poll() is None and api.popen.poll() is None, "a process died"
-        assert {w["pid"] for w in stack.workers()} == worker_pids, "the launcher restarted its workers"
-        print(f"\nredis faults: {len(traffic.accepted)} accepted, all succeeded; {len(traffic.refused)} submissions "
-              f"and {len(traffic.polled)} polls refused with 503 + Retry-After")
-    finally:
-        stack.stop()
+    with ThreadPoolExecutor(8) as pool:
+        finals = list(pool.map(lambda pid: stack.result(pid, timeout=120)["status"], traffic.accepted))
+    lost = [pid for pid, s in zip(traffic.accepted, finals) if s != "succeeded"]
+    assert not lost, f"{len(lost)} of {len(traffic.accepted)} accepted images did not succeed: {lost[:5]}"
+    for status, code, retry_after in traffic.refused + traffic.polled:
+        assert status == 503 and code == "service_unavailable" and retry_after, (status, code, retry_after)
+    assert traffic.refused, "the outage refused nothing: nothing was tested"
+    assert launcher.popen.poll() is None and api.popen.poll() is None, "a process died"
+    assert {w["pid"] for w in stack.workers()} == worker_pids, "the launcher restarted its workers"
+    print(f"\nredis faults: {len(traffic.accepted)} accepted, all succeeded; {len(traffic.refused)} submissions "
+          f"and {len(traffic.polled)} polls refused with 503 + Retry-After")

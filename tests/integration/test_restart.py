@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import requests
+
+from pinfer_client.sdk import Client, WaitTimeout
 
 from pinfer.procs import ROOT, free_port, wait_until
 from shared import keys
 from shared.settings import Settings
 from shared.store import Store
-from tests.integration.conftest import TERMINAL, jpeg
+from tests.integration.conftest import jpeg
 
 pytestmark = pytest.mark.integration
 N_BULK = 60
@@ -54,12 +55,13 @@ class Up:
         self.env, self.log = env, log
         self.base = f"http://127.0.0.1:{env['PINFER_PORT']}"
         self.proc: subprocess.Popen | None = None
+        self.client = Client(self.base, timeout=10.0, retries=0)
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "pinfer.cli", "up"], env=self.env, cwd=ROOT,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(lambda: requests.get(self.base + "/readyz", timeout=2).ok, 180, "pinfer up", self.proc)
+        wait_until(lambda: self.client.readyz()[0], 180, "pinfer up", self.proc)
 
     @property
     def redis_url(self) -> str:
@@ -88,6 +90,7 @@ class Up:
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.stop_in_order()
+        self.client.close()
 
 
 def ingest(up: Up, folder: Path, out: Path, log: Path) -> subprocess.Popen:
@@ -98,20 +101,15 @@ def ingest(up: Up, folder: Path, out: Path, log: Path) -> subprocess.Popen:
 
 
 def job_counts(up: Up, job_id: str) -> dict:
-    return requests.get(f"{up.base}/v1/jobs/{job_id}", timeout=5).json()["counts"]
+    return up.client.get_job(job_id)["counts"]
 
 
 def final_status(up: Up, pid: str, timeout: float = 120) -> str:
-    """Long-poll (the API's own wait) until terminal."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        r = requests.get(f"{up.base}/v1/predictions/{pid}", params={"wait": 10}, timeout=30)
-        assert r.status_code == 200, (pid, r.status_code, r.text)
-        status = r.json()["status"]
-        if status in TERMINAL or time.monotonic() > deadline:
-            return status
+    """Long-poll (the API's own wait) until terminal; the last status after ``timeout``."""
+    try:
+        return up.client.wait(pid, timeout=timeout)["status"]
+    except WaitTimeout as exc:
+        return exc.last["status"]
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
@@ -139,10 +137,7 @@ def test_restart_mid_job_loses_nothing_and_ingest_continues_the_same_job(tmp_pat
         wait_until(lambda: job_counts(up, job_id)["queued"] >= 6, 60, "a backlog in the job", first)
         singles = []
         for i in range(6):
-            r = requests.post(f"{up.base}/v1/predictions", files={"image": ("x.jpg", jpeg((i, 1, 2), extra=b"s%d" % i))},
-                              timeout=10)
-            assert r.status_code == 202, r.text
-            singles.append(r.json()["id"])
+            singles.append(up.client.submit(jpeg((i, 1, 2), extra=b"s%d" % i))["id"])  # 202, or ApiError
         first.kill()  # the client is interrupted too
         first.wait(10)
         assert job_counts(up, job_id)["queued"] > 0, "the job finished before the stack was stopped: nothing tested"
@@ -167,7 +162,7 @@ def test_restart_mid_job_loses_nothing_and_ingest_continues_the_same_job(tmp_pat
         assert {x["status"] for x in lines} == {"succeeded"}, [x for x in lines if x["status"] != "succeeded"][:3]
         ids = {x["name"]: x["id"] for x in lines}
         assert {n: ids[n] for n in accepted} == accepted, "an image accepted before the stop was uploaded again"
-        job = requests.get(f"{up.base}/v1/jobs/{job_id}", timeout=5).json()
+        job = up.client.get_job(job_id)
         assert job["status"] == "finished" and job["counts"]["succeeded"] == N_BULK, job
     finally:
         up.close()

@@ -8,7 +8,6 @@ new primary (no restart).
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -19,7 +18,8 @@ import pytest
 import redis
 import requests
 
-from pinfer.procs import Proc, find_redis_server, free_port, start_api, start_workers, wait_until
+from pinfer.procs import Proc, find_redis_server, free_port, wait_until
+from pinfer.stack import Stack
 from shared import keys
 from shared.store import Store
 from shared.settings import Settings
@@ -103,68 +103,65 @@ def _result(http: requests.Session, base: str, pid: str, deadline: float) -> dic
 
 
 def test_failover_loses_nothing_accepted_and_workers_follow_the_new_primary(tmp_path, model_dir):
-    procs: list[Proc] = []
-    try:
-        p_port, r_port = free_port(), free_port()
-        primary = _redis(tmp_path / "primary", p_port)
-        procs += [primary, _redis(tmp_path / "replica", r_port, "--replicaof", "127.0.0.1", str(p_port))]
-        s_ports = [free_port() for _ in range(3)]
-        procs += [_sentinel(tmp_path / f"sentinel{i}", port, p_port) for i, port in enumerate(s_ports)]
-        sent = redis.Redis(port=s_ports[0], socket_timeout=1, decode_responses=True)
-        # Start-up: the sentinels see the replica and each other (quorum and majority reachable).
-        wait_until(lambda: sent.execute_command("SENTINEL", "CKQUORUM", MASTER).startswith("OK 3 usable"),
-                   60, "sentinel quorum")
-        wait_until(lambda: any(r["is_slave"] and not r["is_sdown"]
-                               for r in sent.sentinel_slaves(MASTER)), 60, "replica known to the sentinels")
+    with Stack.create(tmp_path, model_dir) as stack:  # its stop() also stops the Redis/sentinel processes
+        check_failover(stack, stack.procs, tmp_path)
 
-        url = "sentinel://" + ",".join(f"127.0.0.1:{p}" for p in s_ports) + f"/0?master={MASTER}"
-        env = {**os.environ, "PINFER_REDIS_URL": url, "PINFER_MODEL_DIR": str(model_dir), "PINFER_WORKERS": "1",
-               "PINFER_API_PROCESSES": "1", "PINFER_API_THREADS": "16", "PINFER_MAX_WAITERS": "8",
-               "PINFER_HEARTBEAT_S": "1", "PINFER_VISIBILITY_TIMEOUT_S": "10", "PINFER_BATCH_TIME_LIMIT_S": "8",
-               "PINFER_RESTORE_INTERVAL_S": "2", "PINFER_CACHE_TTL_S": "0", "PYTHONUNBUFFERED": "1"}
-        settings = Settings.from_env(env)
-        api_port = free_port()
-        base = f"http://127.0.0.1:{api_port}"
-        workers = start_workers(env, tmp_path / "workers.log")
-        procs.append(workers)
-        procs.append(start_api(env, api_port, tmp_path / "api.log"))
-        wait_until(lambda: requests.get(base + "/readyz", timeout=2).ok, 120, "API ready (a worker loaded)",
-                   workers.popen)
-        store = Store(settings)
-        before = {w["pid"] for w in store.live_workers() if w.get("state") in ("READY", "BUSY")}
-        assert before
 
-        load = Load(base, [jpeg((i * 40 % 256, 90, 200 - i * 30 % 200)) for i in range(6)])
-        load.start()
-        wait_until(lambda: len(load.accepted) >= 20, 60, "steady load before the failover")
-        accepted_before_kill = len(load.accepted)
-        primary.popen.send_signal(signal.SIGKILL)
-        primary.popen.wait(10)
-        # The sentinels promote the replica; the API takes new work through the new primary.
-        wait_until(lambda: _primary_port(s_ports[1]) == r_port, 60, "failover to the replica")
-        wait_until(lambda: len(load.accepted) >= accepted_before_kill + 20, 60, "load accepted after the failover")
-        load.stop.set()
-        load.join(60)
+def check_failover(stack: Stack, procs: list[Proc], tmp_path: Path) -> None:
+    p_port, r_port = free_port(), free_port()
+    primary = _redis(tmp_path / "primary", p_port)
+    procs += [primary, _redis(tmp_path / "replica", r_port, "--replicaof", "127.0.0.1", str(p_port))]
+    s_ports = [free_port() for _ in range(3)]
+    procs += [_sentinel(tmp_path / f"sentinel{i}", port, p_port) for i, port in enumerate(s_ports)]
+    sent = redis.Redis(port=s_ports[0], socket_timeout=1, decode_responses=True)
+    # Start-up: the sentinels see the replica and each other (quorum and majority reachable).
+    wait_until(lambda: sent.execute_command("SENTINEL", "CKQUORUM", MASTER).startswith("OK 3 usable"),
+               60, "sentinel quorum")
+    wait_until(lambda: any(r["is_slave"] and not r["is_sdown"]
+                           for r in sent.sentinel_slaves(MASTER)), 60, "replica known to the sentinels")
 
-        assert not load.bad, load.bad[:5]
-        http = requests.Session()
-        deadline = time.monotonic() + 120
-        results = {pid: _result(http, base, pid, deadline) for pid in load.accepted}
-        stuck = {pid: r["status"] for pid, r in results.items() if r["status"] not in TERMINAL}
-        assert not stuck, f"{len(stuck)} of {len(results)} accepted images not terminal: {list(stuck.items())[:5]}"
-        assert all(r["status"] == "succeeded" for r in results.values()), \
-            {r["status"]: r.get("error") for r in results.values() if r["status"] != "succeeded"}
-        # The same worker processes heartbeat into the new primary: they reconnected, nobody restarted them.
-        assert workers.popen.poll() is None
-        new = redis.Redis(port=r_port, decode_responses=True)
-        assert new.info("replication")["role"] == "master"
-        after = {w["pid"] for w in Store(settings, new).live_workers() if w.get("state") in ("READY", "BUSY")}
-        assert after == before
-        assert "exited with" not in (tmp_path / "workers.log").read_text()
-    finally:
-        for p in reversed(procs):
-            if p.popen.poll() is None:
-                p.stop(signal.SIGTERM, 30)
+    url = "sentinel://" + ",".join(f"127.0.0.1:{p}" for p in s_ports) + f"/0?master={MASTER}"
+    stack.redis_url = url
+    stack.env.update({"PINFER_REDIS_URL": url, "PINFER_WORKERS": "1",
+                      "PINFER_API_PROCESSES": "1", "PINFER_API_THREADS": "16", "PINFER_MAX_WAITERS": "8",
+                      "PINFER_HEARTBEAT_S": "1", "PINFER_VISIBILITY_TIMEOUT_S": "10",
+                      "PINFER_BATCH_TIME_LIMIT_S": "8", "PINFER_RESTORE_INTERVAL_S": "2"})
+    settings = stack.settings
+    workers = stack.start_workers(1, log=tmp_path / "workers.log", wait=False)
+    stack.start_api(log=tmp_path / "api.log")
+    base = stack.base
+    wait_until(lambda: stack.client.readyz()[0], 120, "API ready (a worker loaded)", workers.popen)
+    store = Store(settings)
+    before = {w["pid"] for w in store.live_workers() if w.get("state") in ("READY", "BUSY")}
+    assert before
+
+    load = Load(base, [jpeg((i * 40 % 256, 90, 200 - i * 30 % 200)) for i in range(6)])
+    load.start()
+    wait_until(lambda: len(load.accepted) >= 20, 60, "steady load before the failover")
+    accepted_before_kill = len(load.accepted)
+    primary.popen.send_signal(signal.SIGKILL)
+    primary.popen.wait(10)
+    # The sentinels promote the replica; the API takes new work through the new primary.
+    wait_until(lambda: _primary_port(s_ports[1]) == r_port, 60, "failover to the replica")
+    wait_until(lambda: len(load.accepted) >= accepted_before_kill + 20, 60, "load accepted after the failover")
+    load.stop.set()
+    load.join(60)
+
+    assert not load.bad, load.bad[:5]
+    http = requests.Session()
+    deadline = time.monotonic() + 120
+    results = {pid: _result(http, base, pid, deadline) for pid in load.accepted}
+    stuck = {pid: r["status"] for pid, r in results.items() if r["status"] not in TERMINAL}
+    assert not stuck, f"{len(stuck)} of {len(results)} accepted images not terminal: {list(stuck.items())[:5]}"
+    assert all(r["status"] == "succeeded" for r in results.values()), \
+        {r["status"]: r.get("error") for r in results.values() if r["status"] != "succeeded"}
+    # The same worker processes heartbeat into the new primary: they reconnected, nobody restarted them.
+    assert workers.popen.poll() is None
+    new = redis.Redis(port=r_port, decode_responses=True)
+    assert new.info("replication")["role"] == "master"
+    after = {w["pid"] for w in Store(settings, new).live_workers() if w.get("state") in ("READY", "BUSY")}
+    assert after == before
+    assert "exited with" not in (tmp_path / "workers.log").read_text()
 
 
 def test_wait_replicas_makes_a_202_mean_the_upload_is_on_a_replica(tmp_path):

@@ -98,8 +98,6 @@ def test_poison_images_fail_after_bounded_deliveries_and_spare_every_neighbour(m
     poison images end ``worker_crashed``; every healthy neighbour succeeds, whatever the order the
     broker delivers them in again. The old rule (every image of a redelivered batch charged for each
     crash) failed neighbours here every time."""
-    from pinfer.procs import start_workers
-
     batch, marker = 8, b"PINFER-POISON-PILL"
     # A short visibility timeout only to keep the test quick: the bound itself is what is tested.
     stack = make_stack(workers=0, PINFER_CHAOS_KILL_MARKER=marker.decode(), PINFER_MODEL_DIR=tiny_model_dir,
@@ -109,7 +107,7 @@ def test_poison_images_fail_after_bounded_deliveries_and_spare_every_neighbour(m
     ids = []
     for i in range(3 * batch):  # all queued before a worker starts, so batches are 0-7, 8-15, 16-23
         ids.append(stack.submit(jpeg((10 * i % 256, 100, 50), extra=marker if i in poison_at else b""))["id"])
-    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.start_workers(wait=False)
 
     results = [stack.result(pid, timeout=240) for pid in ids]
 
@@ -130,17 +128,13 @@ def test_poison_images_fail_after_bounded_deliveries_and_spare_every_neighbour(m
 
 
 def test_readiness_reports_workers_and_unpretrained_model(make_stack):
-    import requests
-
     stack = make_stack(workers=0)
-    r = requests.get(stack.base + "/readyz", timeout=5)
-    assert r.status_code == 503 and r.json()["status"] == "not_ready"
-    from pinfer.procs import start_workers
-
-    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+    ready, body = stack.client.readyz()  # False: answered 503
+    assert not ready and body["status"] == "not_ready"
+    stack.start_workers(wait=False)
     stack.wait_ready(1)
-    body = requests.get(stack.base + "/readyz", timeout=5).json()
-    assert body["status"] == "ready" and body["pretrained"] is False and "NOT" in body["warning"]
+    ready, body = stack.client.readyz()
+    assert ready and body["status"] == "ready" and body["pretrained"] is False and "NOT" in body["warning"]
     assert {w["core"] for w in body["workers"]} <= {str(c) for c in os.sched_getaffinity(0)}
 
 
@@ -164,7 +158,6 @@ def test_a_lost_message_is_found_and_published_again(make_stack):
     an API that died between storing and publishing) still gets its result: the sweeper finds it."""
     import requests
 
-    from pinfer.procs import start_workers
     from shared import keys
 
     # A short grace period only to keep the test quick; the mechanism is what is tested.
@@ -180,7 +173,7 @@ def test_a_lost_message_is_found_and_published_again(make_stack):
     [victim] = [m for m in messages if message_pid(m) == lost]
     assert r.lrem(keys.QUEUE_INTERACTIVE, 1, victim) == 1  # the message is gone; the record is queued
 
-    stack.procs.insert(1, start_workers(stack.env, stack.workdir / "workers.log"))
+    stack.start_workers(wait=False)
     stack.wait_ready(1)
     assert stack.result(kept)["status"] == "succeeded"
     body = stack.result(lost, timeout=60)

@@ -13,7 +13,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from pinfer.procs import Proc, free_port, start_api, start_workers, wait_until
+from pinfer.procs import Proc, free_port, wait_until
 from shared import keys
 from tests.integration.conftest import TERMINAL, jpeg
-from pinfer.topology import nginx_binary, nginx_command, nginx_test, render_nginx_conf
+from pinfer.topology import nginx_binary, nginx_test, render_nginx_conf, start_nginx
 
 pytestmark = pytest.mark.integration
 
@@ -153,20 +152,7 @@ def served(log: Path, pattern: re.Pattern) -> int:
 
 
 def start_nginx_proc(conf: Path, port: int, log: Path) -> Proc:
-    p = subprocess.Popen(nginx_command(conf, "-g", "daemon off;"), stdout=open(log, "ab"),
-                         stderr=subprocess.STDOUT)
-    proc = Proc("nginx", p)
-
-    def listening() -> bool:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-
-    wait_until(listening, 20, "nginx", p)
-    return proc
-
-
-def api_healthy(port: int) -> bool:
-    return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok
+    return Proc("nginx", start_nginx(conf, wait_for=f"127.0.0.1:{port}", timeout=20, log=log))
 
 
 def test_two_api_replicas_behind_nginx_survive_a_restart(pinned):
@@ -178,11 +164,8 @@ def test_two_api_replicas_behind_nginx_survive_a_restart(pinned):
     port_a, port_b, port_n = free_port(), free_port(), free_port()
     logs = {"A1": work / "api-a-1.log", "A2": work / "api-a-2.log", "B": work / "api-b.log"}
 
-    api_a = start_api(stack.env, port_a, logs["A1"])
-    api_b = start_api(stack.env, port_b, logs["B"])
-    stack.procs += [api_a, api_b]  # safety net: the fixture stops whatever is still running
-    wait_until(lambda: api_healthy(port_a), 60, "API A", api_a.popen)
-    wait_until(lambda: api_healthy(port_b), 60, "API B", api_b.popen)
+    api_a = stack.start_api(port_a, log=logs["A1"])  # the fixture stops whatever is still running
+    api_b = stack.start_api(port_b, log=logs["B"])
 
     conf = render_nginx_conf([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], f"127.0.0.1:{port_n}",
                              work / "nginx")
@@ -210,9 +193,7 @@ def test_two_api_replicas_behind_nginx_survive_a_restart(pinned):
         assert api_a.stop(signal.SIGTERM, 60) == 0, "gunicorn A did not exit cleanly on SIGTERM"
         accepted_at_stop = tally.accepted
         t_down = time.monotonic()
-        api_a2 = start_api(stack.env, port_a, logs["A2"])
-        stack.procs.append(api_a2)
-        wait_until(lambda: api_healthy(port_a), 60, "API A restarted", api_a2.popen)
+        api_a2 = stack.start_api(port_a, log=logs["A2"])  # returns once it answers /healthz
         t_up = time.monotonic()
 
         # Keep the load on until the total is reached AND nginx sends work to the new A again
@@ -346,11 +327,10 @@ REPLICA_OMP_THREADS = "2"
 
 
 def start_replica(stack, name: str) -> Proc:
-    env = {**stack.env, "PINFER_WORKERS": "1", "PINFER_CORE_LEASE": "1", "PINFER_HOST_ID": HOST,
-           "OMP_NUM_THREADS": REPLICA_OMP_THREADS}
-    proc = start_workers(env, stack.workdir / f"{name}.log")
+    proc = stack.start_workers(1, log=stack.workdir / f"{name}.log", wait=False,
+                               env={"PINFER_CORE_LEASE": "1", "PINFER_HOST_ID": HOST,
+                                    "OMP_NUM_THREADS": REPLICA_OMP_THREADS})
     proc.name = name
-    stack.procs.append(proc)
     return proc
 
 
