@@ -30,7 +30,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pinfer_client.ingest import IMAGE_SUFFIXES  # the one list of what counts as an image file (the client distribution is installed beside the server: Makefile, Dockerfile)
+# the one list of what counts as an image file; the client distribution is always installed beside
+# the server (Makefile, Dockerfile)
+from pinfer_client.ingest import IMAGE_SUFFIXES
 from shared.errors import ModelArtifactError
 from weights.manifest import VariantBuild
 
