@@ -16,7 +16,7 @@ def healthz():
 
 def snapshot() -> dict:
     store = pinfer().store
-    store.r.ping()
+    store.ping()
     workers = store.live_workers()
     ready = [w for w in workers if w.get("state") in SERVING]
     models = {(w.get("model"), w.get("sha256"), w.get("pretrained"), w.get("precision"), w.get("runtime"),

@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.auth import caller, check_owner
 from api.extensions import pinfer
-from api.idempotency import fingerprint, idempotent
+from api.idempotency import claim, fingerprint, idempotent
 from api.requestlog import current_request_id
 from api.uploads import float_param, int_param, single_image
 from shared import logs, webhooks
@@ -47,7 +47,7 @@ def submit():
     if hook is None and request.mimetype == "multipart/form-data":
         hook = request.form.get("webhook")
     fp = fingerprint("POST /v1/predictions", str(top_k), hook or "", hashlib.sha256(data).digest())
-    return idempotent("predictions", fp, lambda: _submit(data, top_k, hook))
+    return idempotent("predictions", fp, lambda: _submit(data, top_k, hook), _replay)
 
 
 def _submit(data: bytes, top_k: int, hook: str | None):
@@ -60,18 +60,35 @@ def _submit(data: bytes, top_k: int, hook: str | None):
     link = url_for("predictions.get", pid=pid)
     if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
         p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha, owner=caller(),
-                       webhook=hook, request_id=current_request_id())
+                       webhook=hook, request_id=current_request_id(), claim=claim(200))
         log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data), "cached": True})
         resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
         resp.headers["Location"] = link
         return resp
     sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
-                         request_id=current_request_id())
+                         request_id=current_request_id(), claim=claim(202))
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     publish(sub.id, INTERACTIVE)
-    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
-                    "links": {"self": link}})
+    return _accepted(pid, top_k, sub.created_at, link)
+
+
+def _accepted(pid: str, top_k: int, created_at: float, link: str):
+    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": created_at, "links": {"self": link}})
     resp.status_code = 202
+    resp.headers["Location"] = link
+    return resp
+
+
+def _replay(pid: str, status: int):
+    """The answer to a retried POST whose first request created ``pid`` but did not store its answer
+    (its process died): the same 202 (queued) or 200 (a cache hit), rebuilt from the record."""
+    rec = pinfer().store.get(pid)
+    if rec is None:
+        raise NotFound(f"the prediction {pid} this Idempotency-Key created has expired")
+    link = url_for("predictions.get", pid=pid)
+    if status == 202:
+        return _accepted(pid, rec.top_k, rec.created_at, link)
+    resp = jsonify({**rec.public(), "links": {"self": link}})
     resp.headers["Location"] = link
     return resp
 

@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 
 import requests
 
-from shared import keys
 from shared.schema import Job, Prediction
 from shared.settings import Settings
 from shared.store import Store
@@ -86,7 +85,7 @@ class Deliverer:
         if not raw or not raw.get("webhook"):
             self.store.webhook_attempted(event, {"n": 0, "at": time.time(), "error": "record expired"}, "failed")
             return True
-        n = self.store.r.llen(keys.webhook_attempts(event)) + 1
+        n = self.store.webhook_attempt_count(event) + 1
         body = json.dumps(event_body(event, kind, raw), separators=(",", ":"))
         now = datetime.now(timezone.utc)
         msg_id = "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, event).hex   # same for every attempt of the event

@@ -41,7 +41,7 @@ def test_same_key_while_the_first_is_in_progress_is_409_with_retry_after(client,
     from api.idempotency import fingerprint
     rkey = keys.idempotency("-", "predictions", hashlib.sha256(b"k").hexdigest())
     fp = fingerprint("POST /v1/predictions", "5", "", hashlib.sha256(data).digest())
-    assert store.idempotency_begin(rkey, fp, 60) is None
+    assert store.idempotency_begin(rkey, fp) is None
     resp = post(client, data, "k")
     assert_error(resp, 409, "idempotency_in_progress")
     assert resp.headers["Retry-After"] == "1" and recorder.calls == []
