@@ -2,8 +2,8 @@
 
 Both the API and the worker go through ``Store``; every state change runs one of the scripts in
 ``shared/lua`` so it is atomic. Records use a text client; image bytes a binary one. The worker side
-(heartbeats, cores, queues, the sweeper) and the webhooks live in ``shared.store_workers`` and
-``shared.store_webhooks``, mixed into ``Store``.
+(heartbeats, cores, queues, the sweeper), the jobs and the webhooks live in ``shared.store_workers``,
+``shared.store_jobs`` and ``shared.store_webhooks``, mixed into ``Store``.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from typing import Iterable, Sequence
 import redis
 
 from shared import connections, keys, lua
-from shared.errors import Canceled, Conflict, NotFound, Overloaded, ServiceUnavailable
-from shared.schema import (CANCELED, FAILED, IDEM_CREATED, IDEM_DONE, IDEM_PENDING, INTERACTIVE, JOB_CANCELED, JOB_CLOSED,
-                           JOB_FINISHED, JOB_OPEN, QUEUED, RUNNING, STATUSES, SUCCEEDED, TERMINAL, WEBHOOK_PENDING,
-                           Job, Prediction, field_text)
+from shared.errors import Conflict, NotFound, Overloaded, ServiceUnavailable
+from shared.schema import (FAILED, IDEM_CREATED, IDEM_DONE, IDEM_PENDING, INTERACTIVE, JOB_CANCELED, JOB_CLOSED,
+                           JOB_FINISHED, JOB_OPEN, QUEUED, STATUSES, SUCCEEDED, TERMINAL, WEBHOOK_PENDING, Prediction,
+                           field_text)
 from shared.settings import Settings
+from shared.store_jobs import JobStore
 from shared.store_webhooks import WebhookStore
 from shared.store_workers import WorkerStore
 
@@ -64,7 +65,7 @@ def connect(url: str, decode: bool = True) -> redis.Redis:
     return connections.connect(url, decode)
 
 
-class Store(WorkerStore, WebhookStore):
+class Store(JobStore, WorkerStore, WebhookStore):
     def __init__(self, settings: Settings, client: redis.Redis | None = None,
                  raw: redis.Redis | None = None) -> None:
         self.settings = settings
@@ -257,94 +258,6 @@ class Store(WorkerStore, WebhookStore):
         prediction or job was already created is kept (a retry gets that one). True when forgotten."""
         return bool(self._script("idempotency_abort", [key], {}))
 
-    # ------------------------------------------------------------------ jobs
-    def create_job(self, jid: str, name: str | None, top_k: int, webhook: str | None = None,
-                   owner: str | None = None, claim: IdempotencyClaim | None = None) -> Job:
-        """Create an open job; ``claim``: the request's Idempotency-Key, recorded in the same step."""
-        fields = {"created_at": repr(time.time()), "top_k": str(top_k), "name": name or "", "total": "0",
-                  "owner": owner or ""}
-        if webhook:
-            fields["webhook"] = webhook
-        options = {"id": jid, "now": fields["created_at"], "fields": fields}
-        if claim is not None:
-            options["idem"] = {"fingerprint": claim.fingerprint, "status": str(claim.http_status)}
-        self._script("create_job", [keys.job(jid), keys.JOBS, claim.key if claim is not None else ""], options)
-        self._replicated("the job")
-        return self.get_job(jid)
-
-    def get_job(self, jid: str) -> Job:
-        raw = self.r.hgetall(keys.job(jid))
-        if not raw:
-            raise NotFound(f"job {jid} does not exist or has expired")
-        job = Job.from_redis(jid, raw)
-        if raw.get("webhook"):
-            job.webhook = self.webhook_info(keys.job_event(jid), raw)
-        return job
-
-    def job_rate(self, job: Job, window_s: float = 30.0) -> float | None:
-        """Images finished per second over the last ``window_s`` (None before any finished)."""
-        now = time.time()
-        buckets = self.r.hgetall(keys.job_rate(job.id))
-        if not buckets:
-            return None
-        start = max(job.created_at, now - window_s)
-        first = int(start // keys.RATE_BUCKET_S)
-        done = sum(int(v) for b, v in buckets.items() if int(b) >= first)
-        span = max(now - max(start, first * keys.RATE_BUCKET_S), 1.0)
-        return done / span
-
-    def recent_jobs(self, limit: int = 10) -> list[Job]:
-        """The newest ``limit`` jobs still on record (the dashboard's list)."""
-        ids = self.r.zrevrange(keys.JOBS, 0, limit - 1)
-        pipe = self.r.pipeline(transaction=False)
-        for jid in ids:
-            pipe.hgetall(keys.job(jid))
-        return [Job.from_redis(jid, raw) for jid, raw in zip(ids, pipe.execute()) if raw]
-
-    def job_status_counts(self, limit: int = 10_000) -> dict[str, int]:
-        """Jobs on record by status (at most the newest ``limit``: a scrape stays one cheap round trip)."""
-        ids = self.r.zrevrange(keys.JOBS, 0, limit - 1)
-        pipe = self.r.pipeline(transaction=False)
-        for jid in ids:
-            pipe.hget(keys.job(jid), "status")
-        counts: dict[str, int] = {}
-        for status in pipe.execute():
-            if status:
-                counts[status] = counts.get(status, 0) + 1
-        return counts
-
-    def close_job(self, jid: str) -> Job:
-        if self._script("close_job", [keys.job(jid), keys.WEBHOOK_OUTBOX],
-                        {"now": repr(time.time()), "event": keys.job_event(jid)}) == "missing":
-            raise NotFound(f"job {jid} does not exist or has expired")
-        return self.get_job(jid)
-
-    def cancel_job(self, jid: str, chunk: int = 1000) -> Job:
-        """Mark the job canceled (no more uploads), then every still-queued image canceled."""
-        job = self.get_job(jid)
-        if job.status in (JOB_CANCELED, JOB_FINISHED):
-            return job  # nothing left to cancel: a finished job stays finished
-        pipe = self.r.pipeline()
-        pipe.hset(keys.job(jid), mapping={"status": JOB_CANCELED, "finished_at": repr(time.time())})
-        if job.webhook:
-            pipe.hset(keys.job(jid), "webhook_status", WEBHOOK_PENDING)
-            pipe.rpush(keys.WEBHOOK_OUTBOX, keys.job_event(jid))
-        pipe.execute()
-        err = {"error_code": Canceled.code, "error_message": "the job was canceled before this image ran",
-               "finished_at": time.time()}
-        start = 0
-        while True:
-            ids = self.r.lrange(keys.job_items(jid), start, start + chunk - 1)
-            if not ids:
-                break
-            self.transition_many((pid, CANCELED, (QUEUED,), err, False) for pid in ids)
-            start += len(ids)
-        return self.get_job(jid)
-
-    def job_results(self, jid: str, cursor: int, limit: int) -> tuple[list[Prediction], int]:
-        ids = self.r.lrange(keys.job_done(jid), cursor, cursor + limit - 1)
-        preds = [p for p in self.get_many(ids) if p is not None]
-        return preds, cursor + len(ids)
 
 def data_model(settings: Settings) -> dict:
     """ARGV[1] of every script (see ``shared/lua``): statuses, key templates, TTLs and bounds, so that

@@ -83,8 +83,10 @@ def test_a_retry_after_the_api_died_gets_the_prediction_it_created(redis_url, mo
                       "TESTING": True})
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "JPEG")
-    post = lambda: app.test_client().post("/v1/predictions", data=buf.getvalue(), content_type="image/jpeg",  # noqa: E731
-                                          headers={"Idempotency-Key": "crash"})
+
+    def post():
+        return app.test_client().post("/v1/predictions", data=buf.getvalue(), content_type="image/jpeg",
+                                      headers={"Idempotency-Key": "crash"})
 
     def die(*_a, **_k):
         raise SystemExit("the API process died")
