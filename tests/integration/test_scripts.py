@@ -37,11 +37,12 @@ def test_a_job_through_every_script(store):
     claim = IdempotencyClaim(keys.idempotency("alice", "jobs", "k"), "fp", 201)
     store.create_job("j", "batch", 3, webhook="https://example.org/h", owner="alice", claim=claim)
     assert store.r.hgetall(claim.key) == {"fingerprint": "fp", "state": IDEM_CREATED, "id": "j", "status": "201"}
-    assert store.submit("a", b"\x00img", 3, "bulk", "j", "a.jpg", owner="alice").outcome == "ok"
+    assert store.submit("a", b"\x00img", 3, "bulk", "j", "ä 😀.jpg", owner="alice").outcome == "ok"
     with pytest.raises(Exception, match="for this API key"):  # PINFER_MAX_PENDING_PER_KEY=1
         store.submit("b", b"img", 3, "bulk", "j", "b.jpg", owner="alice")
     store.submit("bad", b"", 3, "bulk", "j", "bad.jpg", error={"code": "unsupported", "message": "no"})
-    assert store.submit("again", b"img", 3, "bulk", "j", "a.jpg").id == "a"  # a resumed upload: same ID
+    assert store.submit("again", b"img", 3, "bulk", "j", "ä 😀.jpg").id == "a"  # a resumed upload: same ID
+    assert store.get("a").name == "ä 😀.jpg"  # through Redis's cjson intact
     assert store.start_run(["a"]) == [b"\x00img"] and store.get("a").runs == 0  # not running yet: not charged
     assert store.transition("a", RUNNING, (QUEUED,), {"started_at": 1.0}, True).attempts == 1
     assert store.start_run(["a"]) == [b"\x00img"] and (store.get("a").runs, store.get("a").alone_runs) == (1, 1)
