@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 
 import requests
 
+from shared import keys
 from shared.schema import Job, Prediction
 from shared.settings import Settings
 from shared.store import Store
@@ -37,7 +38,7 @@ EVENT_TYPES = {"prediction": "prediction.completed", "job": "job.finished"}
 
 def event_body(event: str, kind: str, raw: dict[str, str]) -> dict:
     """The JSON a receiver gets: Standard Webhooks' type/timestamp/data envelope."""
-    ident = event.partition(":")[2]
+    ident = keys.event_target(event)[1]
     data = (Prediction.from_redis(ident, raw) if kind == "prediction" else Job.from_redis(ident, raw)).public()
     return {"type": EVENT_TYPES[kind], "timestamp": datetime.now(timezone.utc).isoformat(), "data": data}
 
