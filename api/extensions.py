@@ -37,7 +37,7 @@ def init_app(app: Flask) -> None:
         def enqueue(pid: str, lane: str) -> None:
             send(celery, pid, lane)
 
-    app.extensions["pinfer"] = Pinfer(settings, store, enqueue, Waiters(store.r, settings.max_waiters),
+    app.extensions["pinfer"] = Pinfer(settings, store, enqueue, Waiters(store, settings.max_waiters),
                                        ResultCache(store))
 
 

@@ -19,7 +19,7 @@ def healthz():
 
 def snapshot() -> dict:
     store = pinfer().store
-    store.r.ping()
+    store.ping()
     workers = store.live_workers()
     for w in workers:  # a JSON object in the heartbeat hash; "" once the worker cleared it
         w["reload_error"] = _decode(w.get("reload_error"))

@@ -9,8 +9,12 @@ is scoped to the caller's API key and kept for PINFER_RESULT_TTL_S, as long as w
 * same key, another request -> 422 ``idempotency_mismatch``;
 * same key while the first is still being handled -> 409 ``idempotency_in_progress`` + Retry-After.
 
-Only successful answers are kept: after an error (429, 503, 415 …) the key is released so that a
-retry runs the request again. Written by hand: the claim/replay needs the store's atomic script and
+Only successful answers are kept: after an error (429, 415 …) the key is released so that a retry
+runs the request again. But once something was created, the key stays: the script that creates the
+prediction or job records its ID and status under the key in the same atomic step
+(``Store.submit(claim=…)``, ``Store.create_job(claim=…)``), so a retry after the API process died
+(or after a 503 from PINFER_REDIS_WAIT_REPLICAS) gets that ID, answered afresh from the record, and
+never creates a second one. Written by hand: the claim/replay needs the store's atomic scripts and
 the API's error mapping; no Flask extension does that against Redis.
 """
 from __future__ import annotations
@@ -24,11 +28,11 @@ from flask import Response, g, request
 from api.extensions import pinfer
 from shared import keys
 from shared.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidParameter
+from shared.schema import IDEM_CREATED, IDEM_DONE
+from shared.store import IdempotencyClaim
 
 HEADER = "Idempotency-Key"
 MAX_KEY = 255
-#: How long a claim lives if the process handling it dies before storing the answer.
-PENDING_S = 60
 log = logging.getLogger("pinfer.api")
 
 
@@ -40,8 +44,18 @@ def fingerprint(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
-def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]) -> Response:
-    """Answer with ``run()``, or with the stored answer when the request carries a key seen before."""
+def claim(http_status: int) -> IdempotencyClaim | None:
+    """This request's Idempotency-Key claim, for the store call that creates what it answers with
+    ``http_status`` (None without a key)."""
+    c = g.get("idempotency_claim")
+    return None if c is None else IdempotencyClaim(c.key, c.fingerprint, http_status)
+
+
+def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response],
+               replay: Callable[[str, int], Response]) -> Response:
+    """Answer with ``run()``, or with the stored answer when the request carries a key seen before:
+    verbatim once stored, or ``replay(id, status)`` when only the created ID was recorded (the first
+    request's process died, or failed, after creating it)."""
     key = request.headers.get(HEADER)
     if key is None:
         return run()
@@ -50,12 +64,16 @@ def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]
     store = pinfer().store
     scope = g.get("api_key_name") or "-"
     rkey = keys.idempotency(scope, route, hashlib.sha256(key.encode()).hexdigest())
-    seen = store.idempotency_begin(rkey, request_fingerprint, PENDING_S)
+    seen = store.idempotency_begin(rkey, request_fingerprint)
     if seen is not None:
         if seen["fingerprint"] != request_fingerprint:
             raise IdempotencyMismatch(f"this {HEADER} was already used for a different request; "
                                       "use a new key for a new request")
-        if seen["state"] != "done":
+        if seen["state"] == IDEM_CREATED:
+            resp = replay(seen["id"], int(seen["status"]))
+            resp.headers["Idempotent-Replayed"] = "true"
+            return resp
+        if seen["state"] != IDEM_DONE:
             raise IdempotencyInProgress(f"the first request with this {HEADER} is still being handled; "
                                         "retry to get its answer", retry_after_s=1)
         resp = Response(seen["body"], status=int(seen["status"]), mimetype="application/json")
@@ -63,6 +81,7 @@ def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]
             resp.headers["Location"] = seen["location"]
         resp.headers["Idempotent-Replayed"] = "true"
         return resp
+    g.idempotency_claim = IdempotencyClaim(rkey, request_fingerprint)
     try:
         resp = run()
     except BaseException:
@@ -79,5 +98,5 @@ def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]
 def _release(rkey: str) -> None:
     try:
         pinfer().store.idempotency_abort(rkey)
-    except Exception as exc:  # Redis away: the claim expires after PENDING_S by itself
+    except Exception as exc:  # Redis away: the claim expires after keys.IDEMPOTENCY_PENDING_S by itself
         log.warning("could not release an idempotency key: %s", exc)

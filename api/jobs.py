@@ -10,7 +10,7 @@ from flask import Blueprint, Response, jsonify, request, url_for
 from api.errors import error_response
 from api.auth import caller, check_owner
 from api.extensions import pinfer
-from api.idempotency import fingerprint, idempotent
+from api.idempotency import claim, fingerprint, idempotent
 from api.predictions import publish
 from api.requestlog import current_request_id
 from api.uploads import int_param, read_capped
@@ -38,7 +38,7 @@ def _my_job(jid: str) -> Job:
 @bp.post("")
 def create():
     fp = fingerprint("POST /v1/jobs", request.query_string, request.get_data(cache=True))
-    return idempotent("jobs", fp, _create)
+    return idempotent("jobs", fp, _create, lambda jid, status: _created(pinfer().store.get_job(jid)))
 
 
 def _create():
@@ -60,10 +60,14 @@ def _create():
     if hook is not None and not isinstance(hook, str):
         raise InvalidWebhook("`webhook` must be a URL string")
     hook = webhooks.register(hook, s)
-    jid = new_id()
-    resp = jsonify(_job_json(pinfer().store.create_job(jid, name, top_k, webhook=hook, owner=caller())))
+    return _created(pinfer().store.create_job(new_id(), name, top_k, webhook=hook, owner=caller(), claim=claim(201)))
+
+
+def _created(job: Job):
+    """201 with the job; also the answer to a retried POST whose first request created it (``idempotent``)."""
+    resp = jsonify(_job_json(job))
     resp.status_code = 201
-    resp.headers["Location"] = url_for("jobs.get", jid=jid)
+    resp.headers["Location"] = url_for("jobs.get", jid=job.id)
     return resp
 
 

@@ -13,7 +13,7 @@ from flask import Blueprint, jsonify, request, url_for
 
 from api.auth import caller, check_owner
 from api.extensions import pinfer
-from api.idempotency import fingerprint, idempotent
+from api.idempotency import claim, fingerprint, idempotent
 from api.requestlog import current_request_id
 from api.uploads import float_param, int_param, single_image
 from shared import logs, webhooks
@@ -59,7 +59,7 @@ def submit():
             """Register the long-poll before the ID is published: no result can slip by unseen."""
             waiting.append((pid, held.enter_context(p.waiters.waiting(pid))))
 
-        resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None))
+        resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None), _replay)
         if waiting and resp.status_code == 202:
             pid, ev = waiting[0]
             resp = _answer_when_done(pid, ev, time.monotonic() + wait, resp)
@@ -107,20 +107,37 @@ def _submit(data: bytes, top_k: int, hook: str | None, wait_for: Callable[[str],
     link = url_for("predictions.get", pid=pid)
     if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
         p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha, owner=caller(),
-                       webhook=hook, request_id=current_request_id())
+                       webhook=hook, request_id=current_request_id(), claim=claim(200))
         log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data), "cached": True})
         resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
         resp.headers["Location"] = link
         return resp
     sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
-                         request_id=current_request_id())
+                         request_id=current_request_id(), claim=claim(202))
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     if wait_for is not None:
         wait_for(sub.id)
     publish(sub.id, INTERACTIVE)
-    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": sub.created_at,
-                    "links": {"self": link}})
+    return _accepted(pid, top_k, sub.created_at, link)
+
+
+def _accepted(pid: str, top_k: int, created_at: float, link: str):
+    resp = jsonify({"id": pid, "status": QUEUED, "top_k": top_k, "created_at": created_at, "links": {"self": link}})
     resp.status_code = 202
+    resp.headers["Location"] = link
+    return resp
+
+
+def _replay(pid: str, status: int):
+    """The answer to a retried POST whose first request created ``pid`` but did not store its answer
+    (its process died): the same 202 (queued) or 200 (a cache hit), rebuilt from the record."""
+    rec = pinfer().store.get(pid)
+    if rec is None:
+        raise NotFound(f"the prediction {pid} this Idempotency-Key created has expired")
+    link = url_for("predictions.get", pid=pid)
+    if status == 202:
+        return _accepted(pid, rec.top_k, rec.created_at, link)
+    resp = jsonify({**rec.public(), "links": {"self": link}})
     resp.headers["Location"] = link
     return resp
 

@@ -13,17 +13,15 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-import redis
-
 from api.metrics import LONGPOLLS
-from shared import keys
+from shared.store import Store
 
 log = logging.getLogger("pinfer.api.waiters")
 
 
 class Waiters:
-    def __init__(self, client: redis.Redis, max_waiters: int) -> None:
-        self.client = client
+    def __init__(self, store: Store, max_waiters: int) -> None:
+        self.store = store
         self.max_waiters = max_waiters
         self._events: dict[str, set[threading.Event]] = {}
         self._count = 0
@@ -77,9 +75,9 @@ class Waiters:
     def _listen(self) -> None:
         backoff = 0.2
         while True:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
-                pubsub.subscribe(keys.DONE_CHANNEL)
+                pubsub = self.store.subscribe_done()
                 self._subscribed.set()
                 backoff = 0.2
                 for msg in pubsub.listen():
@@ -92,7 +90,8 @@ class Waiters:
                 self._subscribed.clear()
                 self._wake(None)
                 try:
-                    pubsub.close()
+                    if pubsub is not None:
+                        pubsub.close()
                 except Exception:
                     pass
             threading.Event().wait(backoff)  # reconnect backoff (not synchronisation)

@@ -77,8 +77,9 @@ def job_rate(jid: str) -> str:
     return f"{PREFIX}job:{jid}:rate"
 
 
-#: Width of the rate buckets above.
+#: Width of the rate buckets above, and how long the buckets live (the rate looks back 30 s at most).
 RATE_BUCKET_S = 5
+RATE_TTL_S = 300
 
 #: kombu's Redis transport keeps messages delivered but not yet acknowledged in this hash
 #: (delivery tag -> [message, exchange, routing key]); the sweeper reads it to find orphans.
@@ -87,6 +88,8 @@ KOMBU_UNACKED = "unacked"
 SWEEP_LOCK = PREFIX + "sweep-lock"
 #: Hash: prediction ID -> when a sweep first saw it orphaned; republished only if a later sweep agrees.
 SWEEP_SUSPECTS = PREFIX + "sweep-suspects"
+#: Suspects not seen again by a sweep within this long are forgotten (no sweeper running any more).
+SWEEP_SUSPECTS_TTL_S = 300
 #: String with a TTL, set by every interactive submission: while it exists, workers run bulk work in
 #: small chunks that yield to interactive work; otherwise in full batches.
 INTERACTIVE_RECENT = PREFIX + "interactive-recent"
@@ -105,6 +108,26 @@ WEBHOOK_INFLIGHT = PREFIX + "webhooks:inflight"
 def webhook_attempts(event: str) -> str:
     """List: one JSON object per delivery attempt of ``event`` (readable on the prediction or job)."""
     return f"{PREFIX}webhooks:attempts:{event}"
+
+
+#: At most this many due retries / expired leases go back to the outbox per claim (bounds one script run).
+WEBHOOK_MOVE_BATCH = 100
+
+
+def prediction_event(pid: str) -> str:
+    """The webhook event of prediction ``pid`` reaching a terminal state (an outbox entry)."""
+    return f"p:{pid}"
+
+
+def job_event(jid: str) -> str:
+    """The webhook event of job ``jid`` finishing or being canceled (an outbox entry)."""
+    return f"j:{jid}"
+
+
+def event_target(event: str) -> tuple[str, str]:
+    """("prediction" | "job", ID) of a webhook event."""
+    kind, _, ident = event.partition(":")
+    return ("prediction" if kind == "p" else "job"), ident
 #: Sorted set: job ID -> created_at, the index of jobs for the dashboard and the jobs-by-status
 #: metric (trimmed to PINFER_RESULT_TTL_S, the life of a job record).
 JOBS = PREFIX + "jobs"
@@ -124,7 +147,12 @@ def idempotency(scope: str, route: str, key: str) -> str:
     return f"{PREFIX}idem:{scope}:{route}:{key}"
 
 
+#: How long an Idempotency-Key claim lives while nothing is recorded under it: the first request's
+#: process died before its script ran, so nothing was created and a retry may run it again.
+IDEMPOTENCY_PENDING_S = 60
+
+
 def key_pending(name: str) -> str:
     """Sorted set: the API key ``name``'s prediction IDs not yet classified (its own pending bound).
-    Always PENDING + ":" + name: the transition script derives it from a record's ``owner``."""
+    The transition script fills it in (from ``Store``'s template) with a record's ``owner``."""
     return f"{PENDING}:{name}"

@@ -19,6 +19,12 @@ INTERACTIVE, BULK = "interactive", "bulk"
 
 JOB_OPEN, JOB_CLOSED, JOB_FINISHED, JOB_CANCELED = "open", "closed", "finished", "canceled"
 
+#: A webhook's ``webhook_status``: waiting for its event, queued for (another) attempt, or done.
+WEBHOOK_WAITING, WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "waiting", "pending", "delivered", "failed"
+#: An Idempotency-Key record's ``state``: claimed by a request still running; the thing it created is
+#: recorded (ID + HTTP status, by the creating script); the full answer is stored (replayed verbatim).
+IDEM_PENDING, IDEM_CREATED, IDEM_DONE = "pending", "created", "done"
+
 
 class WorkerState(enum.StrEnum):
     """A worker process's state, as its heartbeat reports it (a StrEnum: stored and compared as text)."""
@@ -39,6 +45,16 @@ SERVING = (WorkerState.READY, WorkerState.BUSY, WorkerState.RELOADING)
 def new_id() -> str:
     """128 random bits, URL-safe base64 without padding (22 characters)."""
     return secrets.token_urlsafe(16)
+
+
+def field_text(v: object) -> str:
+    """How a value is written to a record's hash field: floats exactly (repr), dicts and lists as
+    compact JSON, the rest as ``str``."""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
 
 
 def _f(raw: dict, name: str) -> float | None:

@@ -37,17 +37,16 @@ class Sweeper:
         self.limit = limit
 
     def sweep(self) -> list[str]:
-        r = self.store.r
-        if not r.set(keys.SWEEP_LOCK, "1", nx=True, ex=max(5, int(self.grace_s))):
+        if not self.store.sweep_lock(max(5, int(self.grace_s))):
             return []
         try:
             return self._sweep()
         finally:
-            r.delete(keys.SWEEP_LOCK)
+            self.store.sweep_unlock()
 
     def _head_enqueued_at(self, queue: str) -> float:
         """When the next message BRPOP will take from ``queue`` was published (inf when empty)."""
-        head = self.store.r.lindex(queue, -1)
+        head = self.store.queue_head(queue)
         pid = message_pid(head) if head else None
         rec = self.store.get(pid) if pid else None
         return rec.enqueued_at if rec else float("inf")
@@ -58,15 +57,15 @@ class Sweeper:
                      self._head_enqueued_at(keys.QUEUE_BULK))
         ttl = self.store.settings.image_ttl_s
         # The pending set is scored by created_at + image TTL (created_at <= enqueued_at).
-        candidates = self.store.r.zrangebyscore(keys.PENDING, "-inf", cutoff + ttl, start=0, num=self.limit)
+        candidates = self.store.pending_due(cutoff + ttl, self.limit)
         if not candidates:
-            self.store.r.delete(keys.SWEEP_SUSPECTS)
+            self.store.set_sweep_suspects({})
             return []
-        held = unacked_pids(self.store.r.hvals(keys.KOMBU_UNACKED))
+        held = unacked_pids(self.store.unacked_payloads())
         orphans = [p for p in self.store.get_many(candidates)
                    if p is not None and p.status == QUEUED and p.attempts == 0 and p.id not in held
                    and p.enqueued_at < cutoff]
-        seen = self.store.r.hgetall(keys.SWEEP_SUSPECTS)
+        seen = self.store.sweep_suspects()
         confirmed = [p for p in orphans if p.id in seen and float(seen[p.id]) <= now - self.confirm_s]
         for p in confirmed:
             log.warning("prediction %s was accepted %.0fs ago but its message is gone; publishing it again",
@@ -76,10 +75,5 @@ class Sweeper:
             self.store.mark_enqueued(p.id, at=time.time())
         done = {p.id for p in confirmed}
         suspects = {p.id: seen.get(p.id, repr(now)) for p in orphans if p.id not in done}
-        pipe = self.store.r.pipeline()
-        pipe.delete(keys.SWEEP_SUSPECTS)
-        if suspects:
-            pipe.hset(keys.SWEEP_SUSPECTS, mapping=suspects)
-            pipe.expire(keys.SWEEP_SUSPECTS, 300)
-        pipe.execute()
+        self.store.set_sweep_suspects(suspects)
         return sorted(done)

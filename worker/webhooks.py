@@ -38,7 +38,7 @@ EVENT_TYPES = {"prediction": "prediction.completed", "job": "job.finished"}
 
 def event_body(event: str, kind: str, raw: dict[str, str]) -> dict:
     """The JSON a receiver gets: Standard Webhooks' type/timestamp/data envelope."""
-    ident = event.partition(":")[2]
+    ident = keys.event_target(event)[1]
     data = (Prediction.from_redis(ident, raw) if kind == "prediction" else Job.from_redis(ident, raw)).public()
     return {"type": EVENT_TYPES[kind], "timestamp": datetime.now(timezone.utc).isoformat(), "data": data}
 
@@ -86,7 +86,7 @@ class Deliverer:
         if not raw or not raw.get("webhook"):
             self.store.webhook_attempted(event, {"n": 0, "at": time.time(), "error": "record expired"}, "failed")
             return True
-        n = self.store.r.llen(keys.webhook_attempts(event)) + 1
+        n = self.store.webhook_attempt_count(event) + 1
         body = json.dumps(event_body(event, kind, raw), separators=(",", ":"))
         now = datetime.now(timezone.utc)
         msg_id = "msg_" + uuid.uuid5(uuid.NAMESPACE_URL, event).hex   # same for every attempt of the event

@@ -77,3 +77,11 @@ def test_pinfer_api_finds_its_gunicorn_config_in_the_installed_package(installed
     assert config["config"] == "python:pinfer.gunicorn_conf"
     assert (config["threads"], config["bind"]) == ("77", "['0.0.0.0:9911']")  # the settings applied
     assert config["worker_class"] == "gthread"
+
+
+def test_the_redis_scripts_are_in_the_installed_package(installed, tmp_path):
+    """shared/lua/*.lua are package data: without them every Store call fails at start."""
+    out = _run([installed / "python", "-c",
+                "from shared import lua; print(lua.__file__); print(sum(len(lua.source(n)) for n in lua.NAMES))"],
+               cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")}).stdout.split()
+    assert out[0].startswith(str(installed.parent)) and int(out[1]) > 0

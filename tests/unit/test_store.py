@@ -302,7 +302,7 @@ def test_an_expired_lease_can_be_taken(store, monkeypatch):
     assert store.lease_core("host", "A", [0], 10) == 0
     assert store.lease_core("host", "B", [0], 10) is None
     later = time.time() + 11
-    monkeypatch.setattr("shared.store.time", SimpleNamespace(time=lambda: later))
+    monkeypatch.setattr("shared.store_workers.time", SimpleNamespace(time=lambda: later))
     assert store.lease_core("host", "B", [0], 10) == 0
     assert store.lease_core("host", "A", [0], 10) is None  # A lost it
 

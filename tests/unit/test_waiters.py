@@ -7,6 +7,8 @@ import pytest
 
 from api.waiters import Waiters
 from shared import keys
+from shared.settings import Settings
+from shared.store import Store
 
 
 @pytest.fixture
@@ -15,7 +17,7 @@ def client(server):
 
 
 def test_done_notification_wakes_the_waiter_for_that_id_only(client):
-    waiters = Waiters(client, max_waiters=10)
+    waiters = Waiters(Store(Settings(), client), max_waiters=10)
     with waiters.waiting("a") as ev_a, waiters.waiting("b") as ev_b, waiters.waiting("a") as ev_a2:
         assert ev_a is not None and ev_b is not None and ev_a2 is not None
         assert not ev_a.is_set() and not ev_b.is_set()
@@ -27,7 +29,7 @@ def test_done_notification_wakes_the_waiter_for_that_id_only(client):
 
 
 def test_notification_for_an_id_nobody_waits_for_is_harmless(client):
-    waiters = Waiters(client, max_waiters=10)
+    waiters = Waiters(Store(Settings(), client), max_waiters=10)
     with waiters.waiting("a") as ev:
         client.publish(keys.DONE_CHANNEL, "zzz")
         client.publish(keys.DONE_CHANNEL, "a")
@@ -36,14 +38,14 @@ def test_notification_for_an_id_nobody_waits_for_is_harmless(client):
 
 def test_binary_client_payloads_are_decoded(server):
     raw = fakeredis.FakeRedis(server=server)  # no decode_responses: messages arrive as bytes
-    waiters = Waiters(raw, max_waiters=10)
+    waiters = Waiters(Store(Settings(), raw), max_waiters=10)
     with waiters.waiting("pid1") as ev:
         raw.publish(keys.DONE_CHANNEL, "pid1")
         assert ev.wait(5)
 
 
 def test_cap_returns_none_past_max_waiters_and_frees_the_slot_on_exit(client):
-    waiters = Waiters(client, max_waiters=2)
+    waiters = Waiters(Store(Settings(), client), max_waiters=2)
     with waiters.waiting("a") as first:
         with waiters.waiting("b") as second:
             assert first is not None and second is not None
@@ -56,7 +58,7 @@ def test_cap_returns_none_past_max_waiters_and_frees_the_slot_on_exit(client):
 
 
 def test_slot_is_freed_when_the_request_fails(client):
-    waiters = Waiters(client, max_waiters=1)
+    waiters = Waiters(Store(Settings(), client), max_waiters=1)
     with pytest.raises(RuntimeError):
         with waiters.waiting("a"):
             raise RuntimeError("request failed while waiting")
@@ -65,7 +67,7 @@ def test_slot_is_freed_when_the_request_fails(client):
 
 
 def test_zero_cap_never_waits(client):
-    waiters = Waiters(client, max_waiters=0)
+    waiters = Waiters(Store(Settings(), client), max_waiters=0)
     with waiters.waiting("a") as ev:
         assert ev is None
     assert waiters._count == 0
