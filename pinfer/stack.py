@@ -15,6 +15,9 @@ start time so a recycled pid is never hit.
 
 ``cores`` pins every process the stack starts to those cores (the affinity is inherited at fork).
 Waits here are start-up waits (:func:`pinfer.procs.wait_until`), never a test's oracle.
+
+About 440 lines, on purpose: this is the one place that knows the start and stop order of a whole
+deployment; the per-process commands are already in :mod:`pinfer.procs` and :mod:`pinfer.topology`.
 """
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ Safety rules, and why:
 * Every failure while decoding becomes a ``shared.errors.ImageError`` subclass: Pillow's decoders
   raise a zoo of types on hostile input (OSError, SyntaxError, ValueError, struct.error, EOFError,
   IndexError, ...) and a worker must be able to fail one image without failing its batch.
+
+Kept as one file of about 320 lines on purpose: ``probe`` and ``decode`` must apply the same checks,
+and the rules above only hold while both sit next to the one place that states them.
 """
 from __future__ import annotations
 

@@ -11,6 +11,10 @@ call retries what is safe to retry:
   A 409 ``idempotency_in_progress`` (the first try is still being handled) is retried too.
 
 Waits use exponential backoff with jitter, or the server's ``Retry-After`` when it sends one.
+
+The errors live in :mod:`pinfer_client.errors` and the bulk records in :mod:`pinfer_client.records`
+(both re-exported here). What remains, about 400 lines, is one :class:`Client` with one method per
+endpoint on one retry/transport core: split further, the retry rules would be read in two places.
 """
 from __future__ import annotations
 
@@ -19,8 +23,6 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import quote
@@ -29,6 +31,10 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+from pinfer_client.errors import (ApiError, ApiUnreachable, ClientError, Overloaded, WaitTimeout,
+                                  parse_retry_after)
+from pinfer_client.records import (JOB_DONE_STATUSES, TERMINAL_STATUSES, AddResult, ResultsPage,
+                                   wire_name)
 from pinfer_client.stop import Stopped, StopToken
 
 #: Environment variable the API key is read from when none is passed (``Authorization: Bearer``).
@@ -49,130 +55,16 @@ __all__ = [
     "Stopped",
     "TERMINAL_STATUSES",
     "WaitTimeout",
+    "parse_retry_after",
     "wire_name",
 ]
 
-#: Prediction statuses after which nothing changes any more.
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
-#: Job statuses after which no new result appears (once the cursor has caught up).
-JOB_DONE_STATUSES = frozenset({"finished", "canceled"})
 
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike
 USER_AGENT = "pinfer-client/0.1"
 
 
-# --- errors ----------------------------------------------------------------------------------------
-class ClientError(Exception):
-    """Base of everything this client raises, so callers can catch one type."""
-
-
-class ApiError(ClientError):
-    """Raised when the API answered with an error status; ``code`` is the stable machine code
-    from ``{"error": {"code", "message"}}`` (see shared/errors.py) that callers branch on."""
-
-    def __init__(self, status: int, code: str, message: str, *, body: Any = None,
-                 retry_after: float | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.body = body
-        self.retry_after = retry_after
-
-    @classmethod
-    def from_response(cls, resp: requests.Response) -> "ApiError":
-        """Parse an error answer; a non-JSON body (a proxy's HTML page) still gives a usable code."""
-        body: Any = None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        code, message = f"http_{resp.status_code}", (resp.reason or "").strip() or "HTTP error"
-        if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            code = str(body["error"].get("code") or code)
-            message = str(body["error"].get("message") or message)
-        elif body is None and resp.text:
-            message = f"{message}: {resp.text.strip()[:200]}"
-        kind = Overloaded if resp.status_code == 429 or code == "overloaded" else cls
-        return kind(resp.status_code, code, message, body=body,
-                    retry_after=parse_retry_after(resp.headers.get("Retry-After")))
-
-
-class Overloaded(ApiError):
-    """Raised when the server still answered 429 after the retries; ``retry_after`` says when to
-    come back. Uploads do not raise it: :meth:`Client.add_images` reports what got in instead."""
-
-
-class ApiUnreachable(ClientError):
-    """Raised when no answer came back (refused, reset, timed out) after the allowed retries."""
-
-
-class WaitTimeout(ClientError, TimeoutError):
-    """Raised by :meth:`Client.wait` when the prediction is still not finished at the deadline;
-    ``last`` is the last record seen, so the caller can keep the ID and wait again later."""
-
-    def __init__(self, pid: str, last: dict) -> None:
-        super().__init__(f"prediction {pid} still {last.get('status')!r} at the deadline")
-        self.pid = pid
-        self.last = last
-
-
-# --- results of bulk calls -------------------------------------------------------------------------
-@dataclass
-class AddResult:
-    """What one :meth:`Client.add_images` call got into the job: every name is in exactly one of
-    ``accepted``/``duplicates``/``rejected`` (in the job) or ``pending`` (must be sent again)."""
-
-    accepted: list[dict] = field(default_factory=list)
-    duplicates: list[dict] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
-    overloaded: bool = False
-    retry_after: float | None = None
-
-    @property
-    def names_in(self) -> set[str]:
-        """Names the job now holds (each will have a result line)."""
-        return {d["name"] for d in (*self.accepted, *self.duplicates, *self.rejected)}
-
-
-@dataclass
-class ResultsPage:
-    """One ``/results`` answer; ``done`` means the cursor has caught up with a finished job."""
-
-    results: list[dict]
-    next_cursor: int
-    job_status: str
-    done: bool
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), None if absent/bad."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def wire_name(name: str) -> str:
-    """A job image name that survives multipart encoding unchanged.
-
-    requests/urllib3 send ``"``, CR and LF in a filename as ``%22``/``%0D``/``%0A``, and the
-    server's parser (werkzeug) turns ``\\x`` into ``x`` and ``%22`` into ``"``: such a name would
-    come back from the server as another name. Names without ``\\``, CR, LF or ``%22`` are
-    returned as they are; the others get ``%``, ``\\``, CR and LF percent-encoded."""
-    if not any(c in name for c in "\\\r\n") and "%22" not in name:
-        return name
-    return (name.replace("%", "%25").replace("\\", "%5C").replace("\r", "%0D").replace("\n", "%0A"))
-
-
 def _read_image(image: ImageInput) -> tuple[bytes, str]:
     """Bytes and a filename for an image given as bytes or a path."""
     if isinstance(image, (bytes, bytearray, memoryview)):
