@@ -5,31 +5,5 @@ Its own distribution (``pip install ./client``): only ``requests`` (and ``tqdm``
 needed, so it installs on a laptop without torch or the server packages. ``pinfer_client.ingest`` is
 not imported here, so the SDK alone does not import tqdm.
 """
-from pinfer_client.sdk import (
-    JOB_DONE_STATUSES,
-    TERMINAL_STATUSES,
-    AddResult,
-    ApiError,
-    ApiUnreachable,
-    Client,
-    ClientError,
-    Overloaded,
-    ResultsPage,
-    WaitTimeout,
-)
-from pinfer_client.stop import Stopped, StopToken
-
-__all__ = [
-    "AddResult",
-    "ApiError",
-    "ApiUnreachable",
-    "Client",
-    "ClientError",
-    "JOB_DONE_STATUSES",
-    "Overloaded",
-    "ResultsPage",
-    "StopToken",
-    "Stopped",
-    "TERMINAL_STATUSES",
-    "WaitTimeout",
-]
+from pinfer_client.sdk import *  # noqa: F401,F403  (the public names: sdk.__all__, listed once)
+from pinfer_client.sdk import __all__  # noqa: F401
