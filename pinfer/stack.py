@@ -334,7 +334,7 @@ class Stack:
     # -- HTTP, through the SDK ----------------------------------------------------------------------
     @property
     def client(self):
-        """An SDK client (client/sdk.py) on :attr:`base`, with the SDK's retry policy."""
+        """An SDK client (pinfer_client.sdk) on :attr:`base`, with the SDK's retry policy."""
         if self._client is None:
             from pinfer_client.sdk import Client
 
