@@ -75,7 +75,13 @@ def _answer_when_done(pid: str, ev: threading.Event | None, deadline: float, acc
     rec = _wait_terminal(pid, ev, deadline, read_first=False)
     if rec is None or rec.status not in TERMINAL:
         return accepted
-    link = url_for("predictions.get", pid=pid)
+    return _finished(rec)
+
+
+def _finished(rec: Prediction):
+    """A record answered whole (200): a cache hit at submit, a ``?wait`` that saw the result, or the
+    replay of either."""
+    link = url_for("predictions.get", pid=rec.id)
     resp = jsonify({**rec.public(), "links": {"self": link}})
     resp.headers["Location"] = link
     return resp
@@ -104,21 +110,18 @@ def _submit(data: bytes, top_k: int, hook: str | None, wait_for: Callable[[str],
     pid = new_id()
     logs.set_context(prediction_id=pid)
     content_sha, hit = p.cache.lookup(data, top_k)
-    link = url_for("predictions.get", pid=pid)
     if hit is not None:  # identical upload, same model: answered now, under its own ID, no inference
         p.store.submit(pid, data, top_k, INTERACTIVE, result=hit, content_sha=content_sha, owner=caller(),
                        webhook=hook, request_id=current_request_id(), claim=claim(200))
         log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data), "cached": True})
-        resp = jsonify({**p.store.get(pid).public(), "links": {"self": link}})
-        resp.headers["Location"] = link
-        return resp
+        return _finished(p.store.get(pid))
     sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
                          request_id=current_request_id(), claim=claim(202))
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
     if wait_for is not None:
         wait_for(sub.id)
     publish(sub.id, INTERACTIVE)
-    return _accepted(pid, top_k, sub.created_at, link)
+    return _accepted(pid, top_k, sub.created_at, url_for("predictions.get", pid=pid))
 
 
 def _accepted(pid: str, top_k: int, created_at: float, link: str):
@@ -134,12 +137,9 @@ def _replay(pid: str, status: int):
     rec = pinfer().store.get(pid)
     if rec is None:
         raise NotFound(f"the prediction {pid} this Idempotency-Key created has expired")
-    link = url_for("predictions.get", pid=pid)
     if status == 202:
-        return _accepted(pid, rec.top_k, rec.created_at, link)
-    resp = jsonify({**rec.public(), "links": {"self": link}})
-    resp.headers["Location"] = link
-    return resp
+        return _accepted(pid, rec.top_k, rec.created_at, url_for("predictions.get", pid=pid))
+    return _finished(rec)
 
 
 @bp.get("/<pid>")
