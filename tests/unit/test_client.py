@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import subprocess
-import threading
 import sys
 import threading
 import time

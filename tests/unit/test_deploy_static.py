@@ -384,7 +384,7 @@ def test_api_keys_are_always_on_in_compose(compose, services):
             assert "PINFER_API_KEYS_FILE" not in _env(svc), name
     # What to run first is written where compose users look.
     readme = DEPLOY_README.read_text()
-    assert f"pinfer api-key" in readme and default in readme
+    assert "pinfer api-key" in readme and default in readme
 
 
 def test_compose_pinfer_variables_are_real_settings(services):
