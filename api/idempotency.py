@@ -48,14 +48,20 @@ def claim(http_status: int) -> IdempotencyClaim | None:
     """This request's Idempotency-Key claim, for the store call that creates what it answers with
     ``http_status`` (None without a key)."""
     c = g.get("idempotency_claim")
-    return None if c is None else IdempotencyClaim(c.key, c.fingerprint, http_status)
+    if c is None:
+        return None
+    g.idempotency_recorded = True  # the store call it is passed to records the ID, or raises
+    return IdempotencyClaim(c.key, c.fingerprint, http_status)
 
 
 def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response],
-               replay: Callable[[str, int], Response]) -> Response:
+               replay: Callable[[str, int], Response], rebuilt: bool = False) -> Response:
     """Answer with ``run()``, or with the stored answer when the request carries a key seen before:
     verbatim once stored, or ``replay(id, status)`` when only the created ID was recorded (the first
-    request's process died, or failed, after creating it)."""
+    request's process died, or failed, after creating it). ``rebuilt``: ``replay`` gives back the
+    same answer as ``run()`` did (a prediction's 202 or cached 200 is rebuilt from its record), so
+    the ID the creating script recorded is enough and no verbatim copy is written: one Redis round
+    trip less per POST."""
     key = request.headers.get(HEADER)
     if key is None:
         return run()
@@ -87,7 +93,7 @@ def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]
     except BaseException:
         _release(rkey)
         raise
-    if resp.status_code < 400:
+    if resp.status_code < 400 and not (rebuilt and g.get("idempotency_recorded")):
         store.idempotency_finish(rkey, resp.status_code, resp.get_data(as_text=True),
                                  resp.headers.get("Location", ""))
     else:

@@ -82,7 +82,8 @@ def crash(monkeypatch):
     stored and the claim never released (a dead process does neither). Call it to revive the API."""
     def die(*_a, **_k):
         raise SystemExit("the API process died")
-    monkeypatch.setattr(Store, "idempotency_finish", die)
+    monkeypatch.setattr(Store, "idempotency_finish", die)  # a job's answer is stored verbatim
+    monkeypatch.setattr("api.predictions._accepted", die)  # a prediction's is rebuilt from its record
     monkeypatch.setattr("api.idempotency._release", lambda rkey: None)
     return monkeypatch.undo
 
