@@ -146,6 +146,11 @@ class Settings:
     api_threads: int = _s("PINFER_API_THREADS", 256,
                            "Threads per gunicorn API process (gthread); a long-poll holds one while it waits.")
     api_processes: int = _s("PINFER_API_PROCESSES", 2, "gunicorn API processes.")
+    api_malloc_arenas: int = _s("PINFER_API_MALLOC_ARENAS", 2,
+                                "glibc malloc arenas per API process (`mallopt(M_ARENA_MAX)`); 0 keeps glibc's "
+                                "default of 8 per core, under which each new request thread may take an arena of "
+                                "its own and memory keeps growing for hours. Ignored where `MALLOC_ARENA_MAX` "
+                                "is set or the C library is not glibc.")
     max_waiters: int = _s("PINFER_MAX_WAITERS", 192,
                           "Long-polls held at once per API process; past it `wait` answers at once (with "
                           "`Retry-After: 1`), so long-polls never take the threads submissions need.")

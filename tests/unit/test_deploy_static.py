@@ -9,11 +9,13 @@ loopback rendering of the real nginx.conf (skipped without nginx, except in CI).
 from __future__ import annotations
 
 import os
+import platform
 import re
 import runpy
 import shutil
 import stat
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -731,3 +733,16 @@ def test_license_is_an_spdx_expression():
     setuptools = next(r for r in data["build-system"]["requires"] if r.startswith("setuptools"))
     m = re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", setuptools.replace(" ", ""))
     assert m and int(m[1]) >= 77, "SPDX `license` strings need setuptools >= 77"
+
+
+def test_gunicorn_caps_malloc_arenas_unless_told_otherwise(monkeypatch):
+    """PINFER_API_MALLOC_ARENAS reaches glibc; 0 or an explicit MALLOC_ARENA_MAX leaves glibc alone."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt(M_ARENA_MAX) is glibc's")
+    conf = runpy.run_path(str(GUNICORN_CONF))
+    cap = conf["_cap_malloc_arenas"]
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert cap(2) is True
+    assert cap(0) is False
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert cap(2) is False
