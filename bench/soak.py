@@ -1,7 +1,7 @@
 """``make soak``: a long run at about 70 % of capacity, mixing interactive and bulk work, with a worker
 SIGKILL every 2 minutes. Not part of CI.
 
-    python -m bench.soak [--minutes 10] [--load 0.7] [--kill-every 120] [--warmup 30]
+    python -m bench.soak [--minutes 10] [--load 0.7] [--kill-every 120] [--warmup 90]
 
 1. Exports the model folder (``bench.variants``, as ``make bench`` does; ``PINFER_BENCH_MODEL_DIR``
    names an existing one), starts a private stack serving the reference variant (TorchScript fp32,
@@ -9,7 +9,8 @@ SIGKILL every 2 minutes. Not part of CI.
    and sets the offered load to ``--load`` x that capacity, half interactive (single submissions,
    each long-polled to its result), half bulk (one job fed a chunk a second).
 2. Runs ``--minutes``; every ``--kill-every`` seconds SIGKILLs one worker process (the launcher
-   restarts it). Prints per minute: interactive p50/p99 latency (submit -> result), images done.
+   restarts it). Prints per minute: interactive p50/p99 latency (submit -> result), images done,
+   and each API process's RSS and thread count (a plateau, or growth at a steady thread count).
 3. Prints the RSS of every process of the stack at start, after ``--warmup`` seconds of load and at
    the end, and the number of accepted images without a terminal result (goal: 0; exit status 1
    otherwise), RSS growth after warm-up (goal: < 5 %), p99 flat.
@@ -20,6 +21,7 @@ Every HTTP call goes through ``pinfer_client.sdk`` (``bench.http``); the bulk up
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import shutil
@@ -51,6 +53,24 @@ def rss_mib(pid: int) -> float | None:
         return None
 
 
+def api_memory(stack: Stack) -> str:
+    """RSS and thread count of each API process, for the per-minute line: gthread workers start
+    threads as concurrency first reaches a level, so memory that follows the thread count is
+    warm-up, memory that grows at a steady thread count is a leak."""
+    import psutil
+
+    parts = []
+    for pid, name in stack_pids(stack).items():
+        if name != "api":
+            continue
+        try:
+            p = psutil.Process(pid)
+            parts.append(f"{p.memory_info().rss / 2**20:.0f} MiB/{p.num_threads()} thr")
+        except Exception:
+            continue
+    return ", ".join(parts)
+
+
 def stack_pids(stack: Stack) -> dict[int, str]:
     """Every process of the stack with a short name (redis, api, launcher, worker)."""
     out: dict[int, str] = {}
@@ -63,6 +83,19 @@ def stack_pids(stack: Stack) -> dict[int, str]:
         out[p.popen.pid] = "launcher"
         out.update({pid: "worker" for pid, _ in descendants(p.popen.pid)})
     return out
+
+
+def redis_memory(stack: Stack) -> tuple[float, int]:
+    """(used_memory in MiB, number of keys) of the stack's Redis: its RSS grows with the results it
+    keeps for PINFER_RESULT_TTL_S, which is data, not a leak."""
+    import redis
+
+    r = redis.Redis.from_url(stack.redis_url)
+    return r.info("memory")["used_memory"] / 2**20, int(r.dbsize())
+
+
+def rss_of(snap: dict[int, tuple[str, float | None]], name: str) -> float:
+    return sum(rss or 0.0 for n, rss in snap.values() if n == name)
 
 
 def rss_snapshot(stack: Stack) -> dict[int, tuple[str, float | None]]:
@@ -103,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the loaded run")
     ap.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity to offer")
     ap.add_argument("--kill-every", type=float, default=120.0, help="seconds between worker SIGKILLs")
-    ap.add_argument("--warmup", type=float, default=30.0, help="seconds of load before the RSS baseline")
+    ap.add_argument("--warmup", type=float, default=90.0,
+                    help="seconds of load before the RSS baseline (long enough for each lane to send every photo once)")
     return ap
 
 
@@ -166,13 +200,17 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
         gap = 2.0 / rate
         threads: list[threading.Thread] = []
         while not stop.is_set():
-            t = threading.Thread(target=one_interactive, args=(random.choice(images),), daemon=True)
+            t = threading.Thread(target=one_interactive, args=(next(inter_order),), daemon=True)
             t.start()
             threads = [x for x in threads if x.is_alive()] + [t]
             stop.wait(gap)
         for t in threads:
             t.join(300)
 
+    # Each lane cycles through the whole corpus in a shuffled order, so every photo (the largest sets
+    # the allocator's high-water mark) has passed through both paths within the warm-up.
+    inter_order = itertools.cycle(random.sample(images, len(images)))
+    bulk_order = itertools.cycle(random.sample(images, len(images)))
     jid = client(stack.base).create_job(name="soak")["id"]
     bulk_n = [0]
     counters: dict = {}  # upload's tally of 429s
@@ -180,7 +218,7 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
     def feeder() -> None:
         chunk = max(1, int(rate / 2))  # one chunk per second
         while not stop.is_set():
-            items = [BenchImage(f"{bulk_n[0] + i}.jpg", random.choice(images)) for i in range(chunk)]
+            items = [BenchImage(f"{bulk_n[0] + i}.jpg", next(bulk_order)) for i in range(chunk)]
             try:
                 bulk_n[0] += upload(stack.base, jid, items, counters, stop=stop, chunk=chunk)
             except Exception as exc:
@@ -205,7 +243,7 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
     for t in threads:
         t.start()
     stop.wait(args.warmup)
-    rss_warm = rss_snapshot(stack)
+    rss_warm, data_warm = rss_snapshot(stack), redis_memory(stack)
     end = start + args.minutes * 60
     minute = 0
     while time.monotonic() < end:
@@ -213,9 +251,10 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
         with lock:
             xs = [x * 1000 for x in lat.get(minute, [])]
         print(f"minute {minute + 1}: interactive n={len(xs)} p50={percentile(xs, 50):.0f} ms "
-              f"p99={percentile(xs, 99):.0f} ms; bulk images sent so far {bulk_n[0]}", flush=True)
+              f"p99={percentile(xs, 99):.0f} ms; bulk images sent so far {bulk_n[0]}; "
+              f"API {api_memory(stack)}", flush=True)
         minute += 1
-    rss_end = rss_snapshot(stack)
+    rss_end, data_end = rss_snapshot(stack), redis_memory(stack)
     stop.set()
     for t in threads:
         t.join(330)
@@ -237,7 +276,8 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
         s, w, e = (snap.get(pid, (name, None))[1] for snap in (rss_start, rss_warm, rss_end))
         note = ""
         if w and e:
-            grow.append(e / w - 1)
+            if name != "redis":
+                grow.append(e / w - 1)
             note = f"({(e / w - 1) * 100:+.1f} % after warm-up)"
         elif not e:
             note = "(gone: killed/restarted)"
@@ -248,8 +288,12 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
           f"lost (no terminal result): {lost}; not succeeded: {not_ok}; bulk 429s: {counters.get('http_429', 0)}; "
           f"client errors: {len(errors)}"
           + (f" (first: {errors[0]})" if errors else ""))
+    print(f"Redis data (used_memory, keys) after warm-up -> end: {data_warm[0]:.1f} MiB, {data_warm[1]} keys -> "
+          f"{data_end[0]:.1f} MiB, {data_end[1]} keys: results kept for PINFER_RESULT_TTL_S, not a leak; its RSS "
+          f"beyond that data {rss_of(rss_warm, 'redis') - data_warm[0]:+.1f} -> {rss_of(rss_end, 'redis') - data_end[0]:+.1f} MiB")
     if grow:
-        print(f"largest RSS growth of a process that lived throughout: {max(grow) * 100:+.1f} % (goal < 5 %)")
+        print(f"largest RSS growth after warm-up of a pinfer process that lived throughout: {max(grow) * 100:+.1f} % "
+              "(goal < 5 %)")
     problems = stack.log_problems()
     if problems:
         print(f"error lines in the logs ({stack.workdir}): {problems}")
