@@ -1,7 +1,7 @@
 """The pinfer HTTP API: a Flask application factory (``gunicorn 'api:create_app()'``).
 
-The API validates uploads from their header, stores the bytes in Redis, and publishes the ID by
-task name. It never imports the worker or torch.
+The API validates uploads from their header and stores the bytes in Redis together with the task
+message naming the ID (by task name), in one atomic step. It never imports the worker or torch.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Connections the API holds for its lifetime: the store, the task publisher, the long-poll waiters.
+"""Connections the API holds for its lifetime: the store, the task message builder, the long-poll waiters.
 
 ``init_app`` builds them once per process; tests pass fakes in the app config (``REDIS``,
-``REDIS_RAW``, ``ENQUEUE``) to run the same routes against fakeredis.
+``REDIS_RAW``, ``TASK_MESSAGE``) to run the same routes against fakeredis.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from shared.store import Store
 class Pinfer:
     settings: Settings
     store: Store
-    enqueue: Callable[[str, str], None]
+    task_message: Callable[[str, str], tuple[str, str]]
     waiters: Waiters
     cache: ResultCache
 
@@ -28,16 +28,16 @@ class Pinfer:
 def init_app(app: Flask) -> None:
     settings: Settings = app.config["SETTINGS"]
     store = Store(settings, app.config.get("REDIS"), app.config.get("REDIS_RAW"))
-    enqueue = app.config.get("ENQUEUE")
-    if enqueue is None:
-        from shared.broker import enqueue as send, make_celery
+    task_message = app.config.get("TASK_MESSAGE")
+    if task_message is None:
+        from shared.broker import make_celery, task_message as build
 
         celery = make_celery(settings, name="pinfer-api")
 
-        def enqueue(pid: str, lane: str) -> None:
-            send(celery, pid, lane)
+        def task_message(pid: str, lane: str) -> tuple[str, str]:
+            return build(celery, pid, lane)
 
-    app.extensions["pinfer"] = Pinfer(settings, store, enqueue, Waiters(store, settings.max_waiters),
+    app.extensions["pinfer"] = Pinfer(settings, store, task_message, Waiters(store, settings.max_waiters),
                                        ResultCache(store))
 
 

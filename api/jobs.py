@@ -11,7 +11,7 @@ from api.errors import error_response
 from api.auth import caller, check_owner
 from api.extensions import pinfer
 from api.idempotency import claim, fingerprint, idempotent
-from api.predictions import publish
+from api.predictions import task_message
 from api.requestlog import current_request_id
 from api.uploads import int_param, read_capped
 from shared import logs, webhooks
@@ -94,9 +94,11 @@ def add_images(jid: str):
             content_sha, hit = p.cache.lookup(data, job.top_k)
         except ImageError as exc:
             data, error = b"", exc.to_dict()
+        pid = new_id()
         try:
-            sub = p.store.submit(new_id(), data, job.top_k, BULK, jid, name, error=error, result=hit,
-                                 content_sha=content_sha, owner=caller(), request_id=current_request_id())
+            sub = p.store.submit(pid, data, job.top_k, BULK, jid, name, error=error, result=hit,
+                                 content_sha=content_sha, owner=caller(), request_id=current_request_id(),
+                                 message=None if error or hit is not None else task_message(pid, BULK))
         except Overloaded as exc:
             return error_response(exc, {"accepted": accepted, "duplicates": duplicates, "rejected": rejected})
         entry = {"name": name, "id": sub.id}
@@ -106,8 +108,7 @@ def add_images(jid: str):
             rejected.append({**entry, "error": error})
         elif hit is not None:  # answered from the result cache: already succeeded, nothing to queue
             accepted.append({**entry, "cached": True})
-        else:
-            publish(sub.id, BULK)
+        else:  # stored and queued in one step
             accepted.append(entry)
     log.info("images added", extra={"accepted": len(accepted), "duplicates": len(duplicates),
                                     "rejected": len(rejected)})

@@ -25,20 +25,18 @@ bp = Blueprint("predictions", __name__, url_prefix="/v1/predictions")
 log = logging.getLogger("pinfer.api")
 
 
-def publish(pid: str, lane: str) -> None:
-    """Send the ID to the workers.
+def task_message(pid: str, lane: str) -> tuple[str, str] | None:
+    """The workers' message for ``pid``, which the submit script pushes as it stores the image.
 
-    The image is already stored and counted (accepted). If the publish fails (the broker connection
-    dropped between the two steps), the record stays ``queued`` with no message, which is exactly
-    what the workers' sweeper looks for: it publishes it again, so the client still gets a result.
+    Built before the store call, so the image, its record and its message appear in one atomic step.
+    Should building it fail, the image is still stored, queued with no message: exactly what the
+    workers' sweeper looks for, so the client still gets a result.
     """
-    p = pinfer()
     try:
-        p.enqueue(pid, lane)
+        return pinfer().task_message(pid, lane)
     except Exception as exc:
-        log.warning("publishing %s failed (%s); the sweeper will publish it", pid, exc)
-        return
-    p.store.mark_enqueued(pid)
+        log.warning("building the task message for %s failed (%s); the sweeper will publish it", pid, exc)
+        return None
 
 
 @bp.post("")
@@ -56,7 +54,7 @@ def submit():
         waiting: list[tuple[str, threading.Event | None]] = []
 
         def wait_for(pid: str) -> None:
-            """Register the long-poll before the ID is published: no result can slip by unseen."""
+            """Register the long-poll before the ID is queued: no result can slip by unseen."""
             waiting.append((pid, held.enter_context(p.waiters.waiting(pid))))
 
         resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None), _replay,
@@ -116,12 +114,11 @@ def _submit(data: bytes, top_k: int, hook: str | None, wait_for: Callable[[str],
                        webhook=hook, request_id=current_request_id(), claim=claim(200))
         log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data), "cached": True})
         return _finished(p.store.get(pid))
+    if wait_for is not None:  # before the script queues it: a worker may finish it at once
+        wait_for(pid)
     sub = p.store.submit(pid, data, top_k, INTERACTIVE, content_sha=content_sha, owner=caller(), webhook=hook,
-                         request_id=current_request_id(), claim=claim(202))
+                         request_id=current_request_id(), claim=claim(202), message=task_message(pid, INTERACTIVE))
     log.info("accepted", extra={"lane": INTERACTIVE, "bytes": len(data)})
-    if wait_for is not None:
-        wait_for(sub.id)
-    publish(sub.id, INTERACTIVE)
     return _accepted(pid, top_k, sub.created_at, url_for("predictions.get", pid=pid))
 
 

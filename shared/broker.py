@@ -8,8 +8,13 @@ recovery takes well under a minute; prefetch of twice the batch so the count tri
 """
 from __future__ import annotations
 
+import base64
+import json
+
 from celery import Celery
+from celery.utils import uuid
 from kombu import Exchange, Queue
+from kombu.serialization import dumps
 
 from shared import connections, keys
 from shared.schema import BULK
@@ -61,5 +66,39 @@ def enqueue(app: Celery, pid: str, lane: str) -> None:
     publish, an extra round trip per image for the same list. Redelivery is unchanged: an unacked
     message restores to ``routing_key`` when its exchange is anonymous.
     """
-    queue = keys.QUEUE_BULK if lane == BULK else keys.QUEUE_INTERACTIVE
-    app.send_task(keys.TASK_CLASSIFY, args=[pid], queue=queue, ignore_result=True)
+    app.send_task(keys.TASK_CLASSIFY, args=[pid], queue=queue_of(lane), ignore_result=True)
+
+
+def queue_of(lane: str) -> str:
+    return keys.QUEUE_BULK if lane == BULK else keys.QUEUE_INTERACTIVE
+
+
+def task_message(app: Celery, pid: str, lane: str) -> tuple[str, str]:
+    """The message ``enqueue`` would send for ``pid``, as (the Redis list it goes to, its JSON), so the
+    API's submit script can push it in the same atomic step that stores the image: one round trip
+    per submission instead of three (store, publish, stamp), and no accepted image without a message.
+
+    Celery builds the task (``create_task_message``: headers, properties, body) and kombu serializes
+    the body, exactly as in ``send_task``; what is written here is only the Redis transport's
+    envelope (kombu ``Channel.prepare_message`` + ``basic_publish`` for the anonymous exchange:
+    base64 body, persistent, priority 0, a fresh delivery tag), and the list is the queue's own name
+    (kombu's key for priority 0). The versions this matches are the ones ``worker.celery_adapter``
+    accepts; ``tests/integration/test_celery_adapter.py`` compares it with what ``send_task`` pushes.
+    """
+    queue = queue_of(lane)
+    task_id = uuid()
+    msg = app.amqp.create_task_message(task_id, keys.TASK_CLASSIFY, [pid], {}, reply_to=app.thread_oid,
+                                       ignore_result=True)
+    content_type, content_encoding, body = dumps(msg.body, serializer=app.conf.task_serializer)
+    if isinstance(body, str):
+        body = body.encode(content_encoding or "utf-8")
+    envelope = {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": msg.headers,
+        "properties": {**msg.properties, "delivery_mode": 2,
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0,
+                       "body_encoding": "base64", "delivery_tag": uuid()},
+    }
+    return queue, json.dumps(envelope)

@@ -96,7 +96,8 @@ class Store(JobStore, WorkerStore, WebhookStore):
     def submit(self, pid: str, data: bytes, top_k: int, lane: str = INTERACTIVE, job_id: str | None = None,
                name: str | None = None, error: dict | None = None, result: dict | None = None,
                content_sha: str | None = None, owner: str | None = None, webhook: str | None = None,
-               request_id: str | None = None, claim: IdempotencyClaim | None = None) -> Submitted:
+               request_id: str | None = None, claim: IdempotencyClaim | None = None,
+               message: tuple[str, str] | None = None) -> Submitted:
         """Store bytes + record (and job bookkeeping) if the backpressure bounds allow it.
 
         ``error`` records an image rejected at submit as an already-failed job result, so a job's
@@ -104,7 +105,10 @@ class Store(JobStore, WorkerStore, WebhookStore):
         ``succeeded`` at once, nothing is stored or queued, and no bound applies. ``content_sha``
         (sha256 of the bytes) lets the worker fill the cache. ``owner`` (the API key's name) owns the
         record and is held to PINFER_MAX_PENDING_PER_KEY. ``claim``: the request's Idempotency-Key, under
-        which the new ID is recorded in the same step. Raises Overloaded, NotFound or Conflict.
+        which the new ID is recorded in the same step. ``message``: the task message for the workers
+        (``shared.broker.task_message``: its list and JSON), pushed in the same step when the image is
+        queued, with ``enqueued_at`` stamped; without one the record waits for the sweeper to publish
+        it. Raises Overloaded, NotFound or Conflict.
         """
         now = time.time()
         status = FAILED if error else SUCCEEDED if result is not None else QUEUED
@@ -135,8 +139,9 @@ class Store(JobStore, WorkerStore, WebhookStore):
             [keys.PENDING, keys.prediction(pid), keys.image(pid), *jkeys,
              keys.INTERACTIVE_RECENT if lane == INTERACTIVE and status == QUEUED else "",
              keys.key_pending(owner) if owner else "", keys.WEBHOOK_OUTBOX if webhook else "",
-             claim.key if claim is not None else ""],
-            options, data if status == QUEUED else b"")
+             claim.key if claim is not None else "",
+             message[0] if message is not None and status == QUEUED else ""],
+            options, data if status == QUEUED else b"", message[1] if message is not None else "")
         outcome = res[0]
         if outcome == "ok":
             self._replicated("the upload")

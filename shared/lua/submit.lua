@@ -2,11 +2,13 @@
 -- KEYS: 1 pending, 2 prediction, 3 image, 4 job ('' for a single image), 5 job pending, 6 job items,
 --       7 job names, 8 job done, 9 interactive-recent marker ('' unless a queued interactive image),
 --       10 the API key's pending set ('' without API keys), 11 webhook outbox ('' without a webhook),
---       12 idempotency record ('' without an Idempotency-Key)
+--       12 idempotency record ('' without an Idempotency-Key), 13 the lane's broker queue ('' when
+--       nothing is queued, or no message was built: the sweeper publishes it then)
 -- O: id, now, status (queued | failed: rejected at submit | succeeded: a result cache hit), name (in
 --    the job), key_max_pending, fields (the record's other fields), event (its webhook event),
 --    idem ({fingerprint, status} with an Idempotency-Key)
--- ARGV[3]: the image bytes ('' when nothing is stored).
+-- ARGV[3]: the image bytes ('' when nothing is stored). ARGV[4]: the task message (shared.broker), pushed
+--   onto KEYS[13] as kombu would (LPUSH; the consumer pops from the other end) once all is stored.
 -- Returns {'ok'} | {'duplicate', id} | {'overloaded', scope} | {'no_job'} | {'job_' .. status}.
 local id, now, status = O.id, tonumber(O.now), O.status
 local has_job = KEYS[4] ~= ''
@@ -38,6 +40,10 @@ redis.call('HSET', KEYS[2], 'status', status)
 hset_fields(KEYS[2], O.fields)
 redis.call('EXPIRE', KEYS[2], M.ttl.result)
 if KEYS[9] ~= '' then redis.call('SET', KEYS[9], '1', 'EX', M.ttl.interactive) end
+if status == M.st.queued and KEYS[13] ~= '' then
+  redis.call('HSET', KEYS[2], 'enqueued_at', O.now)
+  redis.call('LPUSH', KEYS[13], ARGV[4])
+end
 if has_job then
   redis.call('RPUSH', KEYS[6], id)
   redis.call('HSET', KEYS[7], O.name, id)

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from shared import keys
+from shared.broker import task_message
 from shared.schema import BULK, INTERACTIVE, new_id
 from shared.settings import Settings
 from shared.store import Store
@@ -82,3 +83,30 @@ def test_a_body_without_base64_encoding_decodes_too(broker):
     msg["body"] = base64.b64decode(msg["body"]).decode()
     del msg["properties"]["body_encoding"]
     assert message_pid(json.dumps(msg)) == pid
+
+
+@pytest.mark.parametrize("lane", [INTERACTIVE, BULK])
+def test_the_message_the_submit_script_pushes_is_the_one_send_task_sends(broker, lane):
+    """The API builds the task message itself (shared.broker.task_message) so its submit script can
+    push it with the image in one step: it must be what Celery + kombu send, field for field, apart
+    from the fresh IDs, and a real kombu consumer must take it as a classify task for that image."""
+    pid = new_id()
+    sent = json.loads(broker.queued(pid, lane))
+    queue, built = task_message(broker.app, pid, lane)
+    built = json.loads(built)
+    assert queue == queue_of(lane)
+
+    def ids_blanked(m: dict) -> dict:
+        m = json.loads(json.dumps(m))
+        for k in ("id", "root_id"):
+            m["headers"][k] = "-"
+        m["properties"]["correlation_id"] = m["properties"]["delivery_tag"] = "-"
+        return m
+
+    assert ids_blanked(built) == ids_blanked(sent)
+    assert built["headers"]["id"] != sent["headers"]["id"]
+    assert built["properties"]["delivery_tag"] != sent["properties"]["delivery_tag"]
+    broker.r.lpush(queue, json.dumps(built))
+    with broker.hold(lane, n=1) as [message]:
+        assert message.headers["task"] == keys.TASK_CLASSIFY and message.payload[0] == [pid]
+        assert lane_of(message) == lane

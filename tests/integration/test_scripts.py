@@ -3,8 +3,10 @@ interpreter and cjson): a job's life with an API key and webhooks, the cache bou
 an Idempotency-Key whose first request died after creating its prediction."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -79,9 +81,7 @@ def test_canceled_job_and_cache_bound_and_core_leases(store):
 def test_a_retry_after_the_api_died_gets_the_prediction_it_created(redis_url, monkeypatch):
     from api import create_app
 
-    sent: list[str] = []
-    app = create_app({"SETTINGS": Settings(redis_url=redis_url), "ENQUEUE": lambda pid, lane: sent.append(pid),
-                      "TESTING": True})
+    app = create_app({"SETTINGS": Settings(redis_url=redis_url), "TESTING": True})
     buf = io.BytesIO()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, "JPEG")
 
@@ -91,13 +91,15 @@ def test_a_retry_after_the_api_died_gets_the_prediction_it_created(redis_url, mo
 
     def die(*_a, **_k):
         raise SystemExit("the API process died")
-    monkeypatch.setattr(Store, "idempotency_finish", die)  # dies before storing the answer ...
+    monkeypatch.setattr("api.predictions._accepted", die)  # dies before answering ...
     monkeypatch.setattr("api.idempotency._release", lambda rkey: None)  # ... and releases nothing
     with pytest.raises(SystemExit):
         post()
     monkeypatch.undo()
     rkey = keys.idempotency("-", "predictions", hashlib.sha256(b"crash").hexdigest())
     store = Store(Settings(redis_url=redis_url))
+    sent = [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]  # the task messages queued
+            for m in store.r.lrange(keys.QUEUE_INTERACTIVE, 0, -1)]
     assert store.r.ttl(rkey) > keys.IDEMPOTENCY_PENDING_S  # survives the claim's expiry
     again = post()
     assert again.status_code == 202 and again.get_json()["id"] == sent[0] and len(sent) == 1

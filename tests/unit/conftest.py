@@ -3,7 +3,8 @@
 * ``server``   -- a fresh ``fakeredis.FakeServer`` per test (Lua scripts run through lupa);
 * ``settings`` -- default ``Settings()`` (no environment read);
 * ``store``    -- a ``Store`` over ``server`` (text client + binary client);
-* ``recorder`` -- stands in for the Celery publisher: records ``(pid, lane)``, or raises when told to;
+* ``recorder`` -- the API's task message builder (the real one), and what reached the broker queues as
+  ``(pid, lane)``; raises instead when told to;
 * ``app`` / ``client`` -- ``create_app`` wired to the fakes; ``make_app(settings, ...)`` for other settings;
 * ``images``   -- JPEG / PNG bytes made with Pillow, and hand-made PNG headers.
 """
@@ -25,22 +26,61 @@ from shared.settings import Settings
 from shared.store import Store
 
 
-# --- publisher stand-in --------------------------------------------------------------------------
+# --- the broker queues ----------------------------------------------------------------------------
+_CELERY = None
+
+
+def _celery():
+    """One Celery app for building messages (no connection is ever made)."""
+    global _CELERY
+    if _CELERY is None:
+        from shared.broker import make_celery
+
+        _CELERY = make_celery(Settings(), name="pinfer-test")
+    return _CELERY
+
+
 @dataclass
 class Recorder:
-    """The app's ``ENQUEUE``: records every ``(pid, lane)``; raises ``error`` instead when it is set."""
+    """The app's ``TASK_MESSAGE``: builds the real task message (``shared.broker.task_message``), or
+    raises ``error`` instead when it is set; ``calls`` lists the messages that reached the queues on
+    ``server`` (pushed by the submit script), oldest first, as ``(pid, lane)``."""
 
-    calls: list[tuple[str, str]] = field(default_factory=list)
+    server: fakeredis.FakeServer
     error: Exception | None = None
 
-    def __call__(self, pid: str, lane: str) -> None:
+    def __call__(self, pid: str, lane: str) -> tuple[str, str]:
         if self.error is not None:
             raise self.error
-        self.calls.append((pid, lane))
+        from shared.broker import task_message
+
+        return task_message(_celery(), pid, lane)
+
+    @property
+    def calls(self) -> list[tuple[str, str]]:
+        import base64
+        import json
+
+        from shared import keys
+        from shared.schema import BULK, INTERACTIVE
+
+        r = fakeredis.FakeRedis(server=self.server)
+        out = []
+        for queue, lane in ((keys.QUEUE_INTERACTIVE, INTERACTIVE), (keys.QUEUE_BULK, BULK)):
+            for raw in reversed(r.lrange(queue, 0, -1)):  # LPUSHed: the oldest is last
+                args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+                out.append((args[0], lane))
+        return out
 
     @property
     def pids(self) -> list[str]:
         return [p for p, _ in self.calls]
+
+    def clear(self) -> None:
+        """As if a worker had taken every queued message."""
+        from shared import keys
+
+        fakeredis.FakeRedis(server=self.server).delete(keys.QUEUE_INTERACTIVE, keys.QUEUE_BULK)
 
 
 # --- image makers --------------------------------------------------------------------------------
@@ -85,8 +125,8 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
+def recorder(server) -> Recorder:
+    return Recorder(server)
 
 
 @pytest.fixture
@@ -105,12 +145,12 @@ def store(make_store, settings) -> Store:
 @pytest.fixture
 def make_app(server, recorder) -> Callable[..., Flask]:
     def make(settings: Settings, redis_server: fakeredis.FakeServer | None = None,
-             enqueue: Callable[[str, str], None] | None = None) -> Flask:
+             task_message: Callable[[str, str], tuple[str, str]] | None = None) -> Flask:
         srv = redis_server or server
         app = create_app({"SETTINGS": settings,
                           "REDIS": fakeredis.FakeRedis(server=srv, decode_responses=True),
                           "REDIS_RAW": fakeredis.FakeRedis(server=srv),
-                          "ENQUEUE": enqueue or recorder,
+                          "TASK_MESSAGE": task_message or recorder,
                           "TESTING": True})
         return app
     return make

@@ -108,7 +108,7 @@ def test_add_images_stores_each_under_its_name_and_enqueues_ids_on_the_bulk_lane
 def test_resent_names_are_duplicates_with_their_ids_and_not_queued_again(client, recorder, images):
     jid = create_job(client)["id"]
     first = send(client, jid, [("a/1.jpg", images.jpeg()), ("a/2.jpg", images.jpeg())]).get_json()
-    recorder.calls.clear()
+    recorder.clear()
 
     resp = send(client, jid, [("a/1.jpg", images.jpeg()), ("a/3.jpg", images.jpeg()), ("a/2.jpg", images.jpeg())])
     assert resp.status_code == 202
@@ -179,7 +179,7 @@ def test_per_job_backpressure_accepts_up_to_the_bound_then_429(make_app, setting
     # two finish: the client resends everything and only the missing two are queued
     for a in body["accepted"][:2]:
         finish(store, a["id"])
-    recorder.calls.clear()
+    recorder.clear()
     again = send(client, jid, files)
     assert again.status_code == 202, again.get_data(as_text=True)
     b2 = again.get_json()
@@ -325,7 +325,7 @@ def test_cancel_cancels_queued_keeps_running_and_finished(client, store, recorde
     assert after["counts"] == {"total": 4, "queued": 0, "running": 0, "succeeded": 2, "failed": 0, "canceled": 2}
 
     # nothing more is accepted
-    recorder.calls.clear()
+    recorder.clear()
     assert_error(send(client, jid, [("new.jpg", images.jpeg())]), 409, "conflict")
     assert recorder.calls == [] and after["counts"]["total"] == job(client, jid)["counts"]["total"]
 

@@ -14,6 +14,7 @@ import pytest
 
 from shared import keys
 from shared.schema import FAILED, QUEUED, RUNNING, SUCCEEDED
+from shared.store import Store
 
 from tests.unit.helpers import ID_RE, assert_error
 
@@ -327,16 +328,21 @@ def test_long_poll_times_out_with_the_current_status(client, images):
 
 
 # --- submit and wait in one request: POST ?wait=S ----------------------------------------------------
-def test_submit_with_wait_answers_200_with_the_result_when_it_finishes_in_time(make_app, settings, store, images):
-    """The worker stands in the publisher: it stores the result before the POST even starts to wait,
-    so only a waiter registered before the publish can end the wait before the 5 s safety re-read."""
+def test_submit_with_wait_answers_200_with_the_result_when_it_finishes_in_time(client, store, images,
+                                                                               monkeypatch):
+    """A worker that finishes the image the moment the submit script has queued it (before the POST
+    even starts to wait): only a waiter registered before the script can end the wait before the 5 s
+    safety re-read."""
     published = []
+    submit = Store.submit
 
-    def worker(pid: str, lane: str) -> None:
+    def and_a_worker_finishes_it(self, pid, *a, **kw):
+        sub = submit(self, pid, *a, **kw)
         published.append(pid)
         succeed(store, pid)
+        return sub
 
-    client = make_app(settings, enqueue=worker).test_client()
+    monkeypatch.setattr(Store, "submit", and_a_worker_finishes_it)
     t0 = time.monotonic()
     resp = client.post("/v1/predictions?wait=10", data=images.jpeg(), content_type="image/jpeg")
     elapsed = time.monotonic() - t0
@@ -457,7 +463,7 @@ def test_the_api_process_never_imports_torch_or_the_worker():
         "from shared.settings import Settings\n"
         "srv = fakeredis.FakeServer()\n"
         "app = create_app({'SETTINGS': Settings(), 'REDIS': fakeredis.FakeRedis(server=srv, decode_responses=True),"
-        " 'REDIS_RAW': fakeredis.FakeRedis(server=srv), 'ENQUEUE': lambda pid, lane: None})\n"
+        " 'REDIS_RAW': fakeredis.FakeRedis(server=srv)})\n"
         "buf = io.BytesIO(); Image.new('RGB', (64, 48)).save(buf, 'JPEG')\n"
         "r = app.test_client().post('/v1/predictions', data=buf.getvalue(), content_type='image/jpeg')\n"
         "assert r.status_code == 202, r.data\n"

@@ -42,10 +42,10 @@ def test_api_metrics_count_requests_by_route_and_read_queues_and_jobs_from_redis
     assert moved("pinfer_http_requests_total", route=route, method="POST", status="429") == 1
     assert moved("pinfer_http_overloaded_total", scope="global") == 1
     assert moved("pinfer_http_request_duration_seconds_count", route=route, method="POST") == 3
-    # Redis state at scrape time (the recorder publishes nothing, so the broker queues stay empty)
+    # Redis state at scrape time: the two accepted images and their messages (no worker takes them)
     assert value(after, "pinfer_redis_up") == 1
     assert value(after, "pinfer_pending_images") == 2
-    assert value(after, "pinfer_queue_messages", lane="interactive") == 0
+    assert value(after, "pinfer_queue_messages", lane="interactive") == 2
     assert value(after, "pinfer_jobs", status="open") == 1
     assert jid
     # an unknown path is counted under one label value, never its raw path
