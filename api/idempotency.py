@@ -29,7 +29,7 @@ from api.extensions import pinfer
 from shared import keys
 from shared.errors import IdempotencyInProgress, IdempotencyMismatch, InvalidParameter
 from shared.schema import IDEM_CREATED, IDEM_DONE
-from shared.store import IdempotencyClaim
+from shared.store import IdempotencyClaim, IdempotencyKeySeen
 
 HEADER = "Idempotency-Key"
 MAX_KEY = 255
@@ -48,20 +48,21 @@ def claim(http_status: int) -> IdempotencyClaim | None:
     """This request's Idempotency-Key claim, for the store call that creates what it answers with
     ``http_status`` (None without a key)."""
     c = g.get("idempotency_claim")
-    if c is None:
-        return None
-    g.idempotency_recorded = True  # the store call it is passed to records the ID, or raises
-    return IdempotencyClaim(c.key, c.fingerprint, http_status)
+    return None if c is None else IdempotencyClaim(c.key, c.fingerprint, http_status)
 
 
 def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response],
-               replay: Callable[[str, int], Response], rebuilt: bool = False) -> Response:
+               replay: Callable[[str, int], Response], atomic: bool = False) -> Response:
     """Answer with ``run()``, or with the stored answer when the request carries a key seen before:
     verbatim once stored, or ``replay(id, status)`` when only the created ID was recorded (the first
-    request's process died, or failed, after creating it). ``rebuilt``: ``replay`` gives back the
-    same answer as ``run()`` did (a prediction's 202 or cached 200 is rebuilt from its record), so
-    the ID the creating script recorded is enough and no verbatim copy is written: one Redis round
-    trip less per POST."""
+    request's process died, or failed, after creating it).
+
+    ``atomic``: the store script that creates the thing claims the key itself, in the same step
+    (``Store.submit`` raises ``IdempotencyKeySeen`` instead of creating when the key is known), and
+    ``replay`` rebuilds the same answer from the record (a prediction's 202 or cached 200). No claim
+    is taken before ``run()`` and no answer is stored after it: two Redis round trips less per POST,
+    and two concurrent requests with one key get one prediction and the same answer, never a 409.
+    """
     key = request.headers.get(HEADER)
     if key is None:
         return run()
@@ -70,34 +71,46 @@ def idempotent(route: str, request_fingerprint: str, run: Callable[[], Response]
     store = pinfer().store
     scope = g.get("api_key_name") or "-"
     rkey = keys.idempotency(scope, route, hashlib.sha256(key.encode()).hexdigest())
+    if atomic:
+        g.idempotency_claim = IdempotencyClaim(rkey, request_fingerprint)
+        try:
+            return run()
+        except IdempotencyKeySeen as seen:
+            return _answer_seen(seen.record, request_fingerprint, replay)
     seen = store.idempotency_begin(rkey, request_fingerprint)
     if seen is not None:
-        if seen["fingerprint"] != request_fingerprint:
-            raise IdempotencyMismatch(f"this {HEADER} was already used for a different request; "
-                                      "use a new key for a new request")
-        if seen["state"] == IDEM_CREATED:
-            resp = replay(seen["id"], int(seen["status"]))
-            resp.headers["Idempotent-Replayed"] = "true"
-            return resp
-        if seen["state"] != IDEM_DONE:
-            raise IdempotencyInProgress(f"the first request with this {HEADER} is still being handled; "
-                                        "retry to get its answer", retry_after_s=1)
-        resp = Response(seen["body"], status=int(seen["status"]), mimetype="application/json")
-        if seen["location"]:
-            resp.headers["Location"] = seen["location"]
-        resp.headers["Idempotent-Replayed"] = "true"
-        return resp
+        return _answer_seen(seen, request_fingerprint, replay)
     g.idempotency_claim = IdempotencyClaim(rkey, request_fingerprint)
     try:
         resp = run()
     except BaseException:
         _release(rkey)
         raise
-    if resp.status_code < 400 and not (rebuilt and g.get("idempotency_recorded")):
+    if resp.status_code < 400:
         store.idempotency_finish(rkey, resp.status_code, resp.get_data(as_text=True),
                                  resp.headers.get("Location", ""))
     else:
         _release(rkey)
+    return resp
+
+
+def _answer_seen(seen: dict, request_fingerprint: str, replay: Callable[[str, int], Response]) -> Response:
+    """The answer to a request whose key is already known: refused when the request differs, the
+    first answer again when it is known, 409 while the first request is still being handled."""
+    if seen["fingerprint"] != request_fingerprint:
+        raise IdempotencyMismatch(f"this {HEADER} was already used for a different request; "
+                                  "use a new key for a new request")
+    if seen["state"] == IDEM_CREATED:
+        resp = replay(seen["id"], int(seen["status"]))
+        resp.headers["Idempotent-Replayed"] = "true"
+        return resp
+    if seen["state"] != IDEM_DONE:
+        raise IdempotencyInProgress(f"the first request with this {HEADER} is still being handled; "
+                                    "retry to get its answer", retry_after_s=1)
+    resp = Response(seen["body"], status=int(seen["status"]), mimetype="application/json")
+    if seen["location"]:
+        resp.headers["Location"] = seen["location"]
+    resp.headers["Idempotent-Replayed"] = "true"
     return resp
 
 

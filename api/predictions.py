@@ -58,7 +58,7 @@ def submit():
             waiting.append((pid, held.enter_context(p.waiters.waiting(pid))))
 
         resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None), _replay,
-                          rebuilt=True)
+                          atomic=True)
         if waiting and resp.status_code == 202:
             pid, ev = waiting[0]
             resp = _answer_when_done(pid, ev, time.monotonic() + wait, resp)

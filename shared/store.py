@@ -53,6 +53,19 @@ class IdempotencyClaim:
     http_status: int = 0
 
 
+#: What a script answers about a known Idempotency-Key (``idempotency_begin``, ``submit``).
+IDEMPOTENCY_FIELDS = ("fingerprint", "state", "status", "body", "location", "id")
+
+
+class IdempotencyKeySeen(Exception):
+    """``Store.submit`` with a claim whose key is already recorded: nothing was created, and
+    ``record`` (IDEMPOTENCY_FIELDS) says what the first request with that key did."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__("idempotency key already used")
+        self.record = record
+
+
 def cache_digest(content_sha256: str, model_sha256: str, precision: str, resize: str, top_k: int) -> str:
     """The result cache's key: everything that decides a result. The same bytes under another model,
     precision, resize mode or ``top_k`` is another entry, so a roll-out never serves an old model's
@@ -105,7 +118,8 @@ class Store(JobStore, WorkerStore, WebhookStore):
         ``succeeded`` at once, nothing is stored or queued, and no bound applies. ``content_sha``
         (sha256 of the bytes) lets the worker fill the cache. ``owner`` (the API key's name) owns the
         record and is held to PINFER_MAX_PENDING_PER_KEY. ``claim``: the request's Idempotency-Key, under
-        which the new ID is recorded in the same step. ``message``: the task message for the workers
+        which the new ID is recorded in the same step; when the key is already recorded nothing is
+        created and ``IdempotencyKeySeen`` is raised. ``message``: the task message for the workers
         (``shared.broker.task_message``: its list and JSON), pushed in the same step when the image is
         queued, with ``enqueued_at`` stamped; without one the record waits for the sweeper to publish
         it. Raises Overloaded, NotFound or Conflict.
@@ -146,6 +160,8 @@ class Store(JobStore, WorkerStore, WebhookStore):
         if outcome == "ok":
             self._replicated("the upload")
             return Submitted("ok", pid, now)
+        if outcome == "seen":
+            raise IdempotencyKeySeen(dict(zip(IDEMPOTENCY_FIELDS, res[1:])))
         if outcome == "duplicate":
             return Submitted("duplicate", res[1])
         if outcome == "overloaded":
@@ -249,7 +265,7 @@ class Store(JobStore, WorkerStore, WebhookStore):
         res = self._script("idempotency_begin", [key], {"fingerprint": fingerprint})
         if res[0] == "new":
             return None
-        return dict(zip(("fingerprint", "state", "status", "body", "location", "id"), res[1:]))
+        return dict(zip(IDEMPOTENCY_FIELDS, res[1:]))
 
     def idempotency_finish(self, key: str, status: int, body: str, location: str) -> None:
         """Record the answer to replay, for PINFER_RESULT_TTL_S (as long as the prediction lives)."""
@@ -291,4 +307,4 @@ def _binary_pool(client: redis.Redis) -> redis.ConnectionPool:
     return client.connection_pool.__class__(connection_class=client.connection_pool.connection_class, **kwargs)
 
 
-__all__ = ["IdempotencyClaim", "Store", "Submitted", "Transitioned", "connect", "data_model"]
+__all__ = ["IDEMPOTENCY_FIELDS", "IdempotencyClaim", "IdempotencyKeySeen", "Store", "Submitted", "Transitioned", "connect", "data_model"]

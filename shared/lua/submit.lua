@@ -9,8 +9,13 @@
 --    idem ({fingerprint, status} with an Idempotency-Key)
 -- ARGV[3]: the image bytes ('' when nothing is stored). ARGV[4]: the task message (shared.broker), pushed
 --   onto KEYS[13] as kombu would (LPUSH; the consumer pops from the other end) once all is stored.
--- Returns {'ok'} | {'duplicate', id} | {'overloaded', scope} | {'no_job'} | {'job_' .. status}.
+-- Returns {'ok'} | {'seen', fingerprint, state, status, body, location, id} (the Idempotency-Key is
+-- known: nothing is created) | {'duplicate', id} | {'overloaded', scope} | {'no_job'} | {'job_' .. status}.
 local id, now, status = O.id, tonumber(O.now), O.status
+if KEYS[12] ~= '' and O.idem then  -- claimed and created in one step: no window for a second request
+  local h = redis.call('HMGET', KEYS[12], 'fingerprint', 'state', 'status', 'body', 'location', 'id')
+  if h[1] then return {'seen', h[1], h[2] or '', h[3] or '', h[4] or '', h[5] or '', h[6] or ''} end
+end
 local has_job = KEYS[4] ~= ''
 if has_job then
   local st = redis.call('HGET', KEYS[4], 'status')

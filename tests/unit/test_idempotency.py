@@ -7,7 +7,7 @@ import pytest
 
 from shared import keys
 from shared.schema import IDEM_CREATED
-from shared.store import IdempotencyClaim, Store
+from shared.store import IdempotencyClaim, IdempotencyKeySeen, Store
 from tests.unit.helpers import assert_error
 
 
@@ -139,11 +139,15 @@ def test_an_error_after_creating_keeps_the_key_so_the_retry_gets_that_prediction
     assert store.r.zcard(keys.PENDING) == 1, "the retry must not store the image a second time"
 
 
-def test_a_claim_is_recorded_only_while_it_is_this_requests(store):
-    """A claim that expired and was taken by another request (other fingerprint) is not overwritten."""
+def test_the_submit_script_claims_the_key_and_creates_in_one_step(store):
+    """A key another request holds (any state) is neither overwritten nor joined by a second
+    prediction: the script answers with what it holds and creates nothing."""
     store.r.hset("pinfer:idem:x", mapping={"fingerprint": "other", "state": "pending"})
-    store.submit("p1", b"img", 5, claim=IdempotencyClaim("pinfer:idem:x", "mine", 202))
+    with pytest.raises(IdempotencyKeySeen) as seen:
+        store.submit("p1", b"img", 5, claim=IdempotencyClaim("pinfer:idem:x", "mine", 202))
+    assert (seen.value.record["fingerprint"], seen.value.record["state"]) == ("other", "pending")
     assert store.r.hgetall("pinfer:idem:x") == {"fingerprint": "other", "state": "pending"}
+    assert store.get("p1") is None and not store.r.exists(keys.image("p1"))
     store.submit("p2", b"img", 5, claim=IdempotencyClaim("pinfer:idem:y", "mine", 202))
     assert store.r.hgetall("pinfer:idem:y") == {"fingerprint": "mine", "state": IDEM_CREATED, "id": "p2",
                                                 "status": "202"}
