@@ -1,6 +1,8 @@
-"""The Celery configuration both sides share: the API publishes with it, workers consume with it.
+"""The Celery configuration both sides share: the API builds task messages with it, workers consume
+with it, and the sweeper publishes with it.
 
-The API never imports the worker: it sends ``keys.TASK_CLASSIFY`` by name through ``enqueue``.
+The API never imports the worker: its messages name ``keys.TASK_CLASSIFY`` (``task_message``, pushed
+by the submit script; ``enqueue`` sends the same message through Celery).
 Reliability settings are derived from ``Settings`` in one place (see the README, "Delivery"):
 acks_late so a killed worker's messages are delivered again; a visibility timeout of
 ``PINFER_VISIBILITY_TIMEOUT_S`` swept every ``PINFER_RESTORE_INTERVAL_S`` (kombu >= 5.7) so that
