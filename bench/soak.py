@@ -1,7 +1,7 @@
 """``make soak``: a long run at about 70 % of capacity, mixing interactive and bulk work, with a worker
 SIGKILL every 2 minutes. Not part of CI.
 
-    python -m bench.soak [--minutes 10] [--load 0.7] [--kill-every 120] [--warmup 90]
+    python -m bench.soak [--minutes 10] [--load 0.7] [--kill-every 120] [--warmup 180]
 
 1. Exports the model folder (``bench.variants``, as ``make bench`` does; ``PINFER_BENCH_MODEL_DIR``
    names an existing one), starts a private stack serving the reference variant (TorchScript fp32,
@@ -136,8 +136,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--minutes", type=float, default=10.0, help="length of the loaded run")
     ap.add_argument("--load", type=float, default=0.7, help="fraction of the measured capacity to offer")
     ap.add_argument("--kill-every", type=float, default=120.0, help="seconds between worker SIGKILLs")
-    ap.add_argument("--warmup", type=float, default=90.0,
-                    help="seconds of load before the RSS baseline (long enough for each lane to send every photo once)")
+    ap.add_argument("--warmup", type=float, default=180.0,
+                    help="seconds of load before the RSS baseline: every photo through both lanes, and the first "
+                         "worker kill, its restart and the backlog it causes (the API's peak concurrency) behind it")
     return ap
 
 

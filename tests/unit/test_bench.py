@@ -180,7 +180,7 @@ def test_make_soak_imports_and_accepts_the_options_its_readme_documents() -> Non
     documented = dict(re.findall(r"\[(--[\w-]+) ([^\]]+)\]", usage.group(1)))
     assert set(documented) == {"--minutes", "--load", "--kill-every", "--warmup"}
     args = soak.parser().parse_args([tok for kv in documented.items() for tok in kv])
-    assert (args.minutes, args.load, args.kill_every, args.warmup) == (10.0, 0.7, 120.0, 90.0)
+    assert (args.minutes, args.load, args.kill_every, args.warmup) == (10.0, 0.7, 120.0, 180.0)
     assert soak.parser().parse_args([]) == args  # the documented values are the defaults
     with pytest.raises(SystemExit):
         soak.parser().parse_args(["--nosuch", "1"])
