@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import random
 import shutil
@@ -243,18 +244,20 @@ def soak(stack: Stack, images: list[bytes], args: argparse.Namespace) -> int:
     threads = [threading.Thread(target=f, daemon=True) for f in (interactive, feeder, killer)]
     for t in threads:
         t.start()
-    stop.wait(args.warmup)
-    rss_warm, data_warm = rss_snapshot(stack), redis_memory(stack)
-    end = start + args.minutes * 60
-    minute = 0
-    while time.monotonic() < end:
-        stop.wait(max(0.0, min(60.0, end - time.monotonic())))
+    end, warm_at = start + args.minutes * 60, start + args.warmup
+    warm: tuple | None = None  # (RSS snapshot, Redis data) once the warm-up is over
+    for minute in range(math.ceil(args.minutes)):  # a line as each minute ends, warm-up minutes included
+        boundary = min(start + (minute + 1) * 60, end)
+        if warm is None and warm_at <= boundary:
+            stop.wait(max(0.0, warm_at - time.monotonic()))
+            warm = rss_snapshot(stack), redis_memory(stack)
+        stop.wait(max(0.0, boundary - time.monotonic()))
         with lock:
             xs = [x * 1000 for x in lat.get(minute, [])]
         print(f"minute {minute + 1}: interactive n={len(xs)} p50={percentile(xs, 50):.0f} ms "
               f"p99={percentile(xs, 99):.0f} ms; bulk images sent so far {bulk_n[0]}; "
               f"API {api_memory(stack)}", flush=True)
-        minute += 1
+    rss_warm, data_warm = warm or (rss_snapshot(stack), redis_memory(stack))
     rss_end, data_end = rss_snapshot(stack), redis_memory(stack)
     stop.set()
     for t in threads:
