@@ -59,7 +59,9 @@ def submit():
 
         resp = idempotent("predictions", fp, lambda: _submit(data, top_k, hook, wait_for if wait > 0 else None), _replay,
                           atomic=True)
-        if waiting and resp.status_code == 202:
+        # A replay (the key was known) answers at once, as the first answer was: the waiter registered
+        # for this request's own ID waits for nothing, since no prediction was created under it.
+        if waiting and resp.status_code == 202 and "Idempotent-Replayed" not in resp.headers:
             pid, ev = waiting[0]
             resp = _answer_when_done(pid, ev, time.monotonic() + wait, resp)
     return resp

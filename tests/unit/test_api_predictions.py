@@ -393,6 +393,18 @@ def test_retried_submit_with_wait_replays_the_first_answer(client, store, record
     assert again.headers["Idempotent-Replayed"] == "true"
     assert recorder.pids == [pid]
 
+
+def test_retried_submit_with_a_long_wait_answers_the_replay_at_once(client, store, recorder, images):
+    """The retry's own ID is never created, so nothing could end a wait for it: the replay (202 with
+    the first ID) is answered at once, not after the whole ``wait``."""
+    headers = {"Idempotency-Key": "retry-2"}
+    first = client.post("/v1/predictions?wait=0.1", data=images.jpeg(), headers=headers)
+    t0 = time.monotonic()
+    again = client.post("/v1/predictions?wait=10", data=images.jpeg(), headers=headers)
+    assert again.status_code == 202 and again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert time.monotonic() - t0 < 4
+
 # --- health & page -----------------------------------------------------------------------------------
 def worker_info(**over) -> dict:
     info = {"state": "READY", "model": "resnet18", "sha256": "x", "pretrained": 0, "precision": "fp32",
