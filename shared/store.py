@@ -307,4 +307,5 @@ def _binary_pool(client: redis.Redis) -> redis.ConnectionPool:
     return client.connection_pool.__class__(connection_class=client.connection_pool.connection_class, **kwargs)
 
 
-__all__ = ["IDEMPOTENCY_FIELDS", "IdempotencyClaim", "IdempotencyKeySeen", "Store", "Submitted", "Transitioned", "connect", "data_model"]
+__all__ = ["IDEMPOTENCY_FIELDS", "IdempotencyClaim", "IdempotencyKeySeen", "Store", "Submitted", "Transitioned",
+           "connect", "data_model"]

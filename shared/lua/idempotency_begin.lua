@@ -7,5 +7,4 @@ if redis.call('HSETNX', KEYS[1], 'fingerprint', O.fingerprint) == 1 then
   redis.call('EXPIRE', KEYS[1], M.ttl.idem_pending)
   return {'new'}
 end
-local h = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'status', 'body', 'location', 'id')
-return {'seen', h[1] or '', h[2] or '', h[3] or '', h[4] or '', h[5] or '', h[6] or ''}
+return idempotency_seen(KEYS[1])

@@ -20,6 +20,14 @@ local function hset_fields(key, fields)
   if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
 end
 
+-- The reply about an Idempotency-Key already recorded, {'seen', fingerprint, state, status, body,
+-- location, id} (shared.store.IDEMPOTENCY_FIELDS), or nil when the key is new.
+local function idempotency_seen(key)
+  local h = redis.call('HMGET', key, 'fingerprint', 'state', 'status', 'body', 'location', 'id')
+  if not h[1] then return nil end
+  return {'seen', h[1], h[2] or '', h[3] or '', h[4] or '', h[5] or '', h[6] or ''}
+end
+
 -- Records what a request with an Idempotency-Key created (O.idem = {fingerprint, status}), in the
 -- script that creates it: a retry after the API process died still finds the same ID. Only under
 -- this request's own claim (an expired claim taken by another request is left alone).

@@ -13,8 +13,8 @@
 -- known: nothing is created) | {'duplicate', id} | {'overloaded', scope} | {'no_job'} | {'job_' .. status}.
 local id, now, status = O.id, tonumber(O.now), O.status
 if KEYS[12] ~= '' and O.idem then  -- claimed and created in one step: no window for a second request
-  local h = redis.call('HMGET', KEYS[12], 'fingerprint', 'state', 'status', 'body', 'location', 'id')
-  if h[1] then return {'seen', h[1], h[2] or '', h[3] or '', h[4] or '', h[5] or '', h[6] or ''} end
+  local seen = idempotency_seen(KEYS[12])
+  if seen then return seen end
 end
 local has_job = KEYS[4] ~= ''
 if has_job then
